@@ -1,0 +1,1 @@
+"""Shared vocabulary of the captioner: settings, messages, URIs, storage, results, metrics."""

@@ -1,0 +1,73 @@
+"""The error hierarchy. Per-image errors become `failed` rows; transient ones are retried.
+
+CaptionerError
+├── ConfigError             a setting is wrong; fix the environment and restart
+├── InvalidJob              a queue message is not a valid CaptionJob; dropped, never retried
+├── ModelLoadError          the model could not be loaded; the worker cannot start
+├── ImageError              one image cannot be captioned; recorded as `failed`, not retried
+│   ├── UriRefused          scheme, bucket or path not allowed; refused before any I/O
+│   ├── ObjectMissing       no object at that URI
+│   ├── AccessDenied        the object exists but our credentials may not read it
+│   ├── ImageTooLarge       more bytes than CAPTIONER_MAX_IMAGE_BYTES
+│   ├── TooManyPixels       more pixels than CAPTIONER_MAX_IMAGE_PIXELS (decompression bomb)
+│   └── UndecodableImage    not an image, truncated or corrupt
+└── TransientError          the infrastructure failed; the job is retried with backoff
+    ├── StoreUnavailable    object store timeout, 5xx or connection error
+    └── DatabaseUnavailable results database unreachable
+"""
+
+
+class CaptionerError(Exception):
+    """Base of every error the captioner raises on purpose."""
+
+
+class ConfigError(CaptionerError):
+    pass
+
+
+class InvalidJob(CaptionerError):
+    pass
+
+
+class ModelLoadError(CaptionerError):
+    pass
+
+
+class ImageError(CaptionerError):
+    """An error that belongs to one image: stored as that image's `failed` row."""
+
+
+class UriRefused(ImageError):
+    pass
+
+
+class ObjectMissing(ImageError):
+    pass
+
+
+class AccessDenied(ImageError):
+    pass
+
+
+class ImageTooLarge(ImageError):
+    pass
+
+
+class TooManyPixels(ImageError):
+    pass
+
+
+class UndecodableImage(ImageError):
+    pass
+
+
+class TransientError(CaptionerError):
+    pass
+
+
+class StoreUnavailable(TransientError):
+    pass
+
+
+class DatabaseUnavailable(TransientError):
+    pass

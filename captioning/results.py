@@ -1,0 +1,208 @@
+"""The results store: the `captions` table (the system of record) and S3 sidecars.
+
+One row per (uri, etag, model, prompt), keyed by a hash of those four so every write is an
+idempotent upsert: a redelivered job rewrites its rows instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from captioning.errors import ConfigError, DatabaseUnavailable
+
+Status = Literal["ok", "failed"]
+
+metadata = MetaData()
+
+captions = Table(
+    "captions",
+    metadata,
+    Column("id", String(64), primary_key=True, comment="sha256 of uri, etag, model, prompt"),
+    Column("uri", Text, nullable=False),
+    Column("bucket", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("etag", Text, nullable=False, comment="'' when unknown"),
+    Column("version_id", Text),
+    Column("model", Text, nullable=False),
+    Column("prompt", Text, nullable=False, comment="'' when absent"),
+    Column("status", String(8), nullable=False),
+    Column("caption", Text),
+    Column("error", Text),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("bytes", Integer),
+    Column("attempts", Integer, nullable=False),
+    Column("enqueued_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("worker", Text),
+    Index("ix_captions_uri", "uri"),
+    Index("ix_captions_status_finished", "status", "finished_at"),
+)
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    uri: str
+    bucket: str
+    key: str
+    etag: str
+    version_id: str | None
+    model: str
+    prompt: str
+    status: Status
+    caption: str | None
+    error: str | None
+    width: int | None
+    height: int | None
+    bytes: int | None
+    enqueued_at: datetime | None
+    finished_at: datetime
+    worker: str | None
+    attempts: int = 1
+
+    @property
+    def row_id(self) -> str:
+        return row_id(self.uri, self.etag, self.model, self.prompt)
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        for name in ("enqueued_at", "finished_at"):
+            if record[name] is not None:
+                record[name] = record[name].isoformat()
+        return record
+
+
+def row_id(uri: str, etag: str, model: str, prompt: str) -> str:
+    return hashlib.sha256(f"{uri}\0{etag}\0{model}\0{prompt}".encode()).hexdigest()
+
+
+def sidecar_key(prefix: str, row: CaptionRow) -> str:
+    """`<prefix>/<source bucket>/<source key>.json`; local files go under `_local/`."""
+    source = f"{row.bucket}/{row.key}" if row.bucket else f"_local{row.key}"
+    return f"{prefix.strip('/')}/{source}.json".lstrip("/")
+
+
+def sidecar_body(row: CaptionRow) -> bytes:
+    return json.dumps(row.to_json(), ensure_ascii=False, sort_keys=True).encode()
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept plain postgres URLs and use psycopg 3, the driver we ship."""
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url
+
+
+class ResultsStore:
+    def __init__(self, database_url: str) -> None:
+        url = normalize_database_url(database_url)
+        try:
+            self.engine: Engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800)
+        except Exception as exc:
+            raise ConfigError(f"CAPTIONER_DATABASE_URL is not usable: {exc}") from exc
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @contextmanager
+    def _connection(self, *, write: bool) -> Iterator[Any]:
+        try:
+            with self.engine.begin() if write else self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            lost = isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
+            if not lost:
+                raise
+            raise DatabaseUnavailable(
+                f"results database unavailable: {type(exc.orig).__name__}"
+            ) from exc
+
+    def create_schema(self) -> None:
+        with self._connection(write=True) as conn:
+            metadata.create_all(conn)
+
+    def upsert(self, rows: Sequence[CaptionRow]) -> None:
+        if not rows:
+            return
+        values = [{"id": row.row_id, **asdict(row)} for row in rows]
+        dialect = self.engine.dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = insert(captions).values(values)
+        updated = {
+            column.name: statement.excluded[column.name]
+            for column in captions.columns
+            if column.name not in ("id", "attempts")
+        }
+        updated["attempts"] = captions.c.attempts + 1
+        statement = statement.on_conflict_do_update(index_elements=["id"], set_=updated)
+        with self._connection(write=True) as conn:
+            conn.execute(statement)
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """One query per page of candidates: backfills ask about 1,000 keys at once."""
+        if not ids:
+            return set()
+        with self._connection(write=False) as conn:
+            result = conn.execute(select(captions.c.id).where(captions.c.id.in_(list(ids))))
+            return {found for (found,) in result}
+
+    def rows(
+        self,
+        *,
+        prefix: str | None = None,
+        status: Status | None = None,
+        limit: int | None = None,
+    ) -> list[CaptionRow]:
+        query = select(*(c for c in captions.columns if c.name != "id")).order_by(captions.c.uri)
+        if prefix:
+            query = query.where(captions.c.uri.startswith(prefix, autoescape=True))
+        if status:
+            query = query.where(captions.c.status == status)
+        if limit:
+            query = query.limit(limit)
+        with self._connection(write=False) as conn:
+            return [CaptionRow(**row._mapping) for row in conn.execute(query)]
+
+    def status_counts(self) -> dict[str, int]:
+        query = select(captions.c.status, func.count()).group_by(captions.c.status)
+        with self._connection(write=False) as conn:
+            return {status: count for status, count in conn.execute(query)}
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
+    """WAL and a busy timeout let the demo's worker and CLI share one SQLite file."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

@@ -1,0 +1,1 @@
+"""The worker: Celery app and task, image loading, the model runtime, writing results."""

@@ -1,0 +1,195 @@
+"""`captioning.caption_batch`: one CaptionJob, top to bottom.
+
+check URIs -> fetch (parallel, size-capped) -> decode (parallel) -> generate (micro-batches)
+-> rows. Every item ends as exactly one row: an image's own problem becomes a `failed` row,
+while infrastructure failures raise TransientError so the whole job is retried; rows are
+written before the task returns, and Celery acks only then (acks_late).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from celery import Task
+
+from captioning import metrics
+from captioning.deadletters import DeadLetters
+from captioning.errors import ImageError, InvalidJob, TransientError
+from captioning.messages import TASK_NAME, CaptionJob, JobItem
+from captioning.results import CaptionRow, Status, utcnow
+from captioning.settings import get_settings
+from captioning.storage import StoredObject
+from captioning.uris import ImageLocation, allowed_location
+from workers.app import app
+from workers.context import WorkerContext, get_context
+from workers.fetch import fetch_all
+from workers.images import DecodedImage, decode_image
+from workers.retry import backoff_seconds
+
+log = logging.getLogger(__name__)
+
+MAX_JOB_RETRIES = 8
+
+
+@dataclass
+class ItemState:
+    """What we know about one item as it moves through the stages."""
+
+    item: JobItem
+    location: ImageLocation | None = None
+    stored: StoredObject | None = None
+    decoded: DecodedImage | None = None
+    caption: str | None = None
+    error: ImageError | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+
+def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
+    """Run every stage and return one row per item; raise TransientError to retry the job."""
+    settings = ctx.settings
+    states = [ItemState(item) for item in job.items]
+    for state in states:
+        try:
+            state.location = allowed_location(state.item.uri, settings)
+        except ImageError as exc:
+            state.error = exc
+    if job.model != ctx.model.name:
+        mismatch = ImageError(
+            f"job asks for model {job.model!r}; this worker serves {ctx.model.name!r}"
+        )
+        for state in states:
+            state.error = state.error or mismatch
+
+    with metrics.STAGE_SECONDS.labels("fetch").time():
+        _fetch(states, ctx)
+    with metrics.STAGE_SECONDS.labels("decode").time():
+        _decode(states, ctx)
+    with metrics.STAGE_SECONDS.labels("generate").time():
+        _generate(states, job.prompt, ctx)
+    finished = utcnow()
+    return [_row(state, job, ctx.name, finished) for state in states]
+
+
+def _fetch(states: Sequence[ItemState], ctx: WorkerContext) -> None:
+    todo = [s for s in states if s.alive and s.location is not None]
+    fetched = fetch_all(
+        ctx.stores,
+        [(s.location, s.item.version_id) for s in todo if s.location is not None],
+        max_bytes=ctx.settings.max_image_bytes,
+        executor=ctx.io_pool,
+    )
+    for state, outcome in zip(todo, fetched, strict=True):
+        if isinstance(outcome, ImageError):
+            state.error = outcome
+        else:
+            state.stored = outcome
+
+
+def _decode(states: Sequence[ItemState], ctx: WorkerContext) -> None:
+    todo = [s for s in states if s.alive and s.stored is not None]
+    futures = [
+        ctx.decode_pool.submit(
+            decode_image,
+            s.stored.data,
+            max_pixels=ctx.settings.max_image_pixels,
+            target_size=ctx.model.image_size,
+        )
+        for s in todo
+        if s.stored is not None
+    ]
+    for state, future in zip(todo, futures, strict=True):
+        try:
+            state.decoded = future.result()
+        except ImageError as exc:
+            state.error = exc
+
+
+def _generate(states: Sequence[ItemState], prompt: str, ctx: WorkerContext) -> None:
+    todo = [s for s in states if s.alive and s.decoded is not None]
+    if not todo:
+        return
+    captions = ctx.model.caption([s.decoded.image for s in todo if s.decoded is not None], prompt)
+    for state, caption in zip(todo, captions, strict=True):
+        state.caption = caption
+
+
+def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> CaptionRow:
+    stored, decoded, location = state.stored, state.decoded, state.location
+    status: Status = "ok" if state.alive and state.caption is not None else "failed"
+    return CaptionRow(
+        uri=state.item.uri,
+        bucket=location.bucket if location else "",
+        key=location.key if location else "",
+        etag=stored.etag if stored else (state.item.etag or ""),
+        version_id=(stored.version_id if stored else None) or state.item.version_id,
+        model=job.model,
+        prompt=job.prompt,
+        status=status,
+        caption=state.caption if status == "ok" else None,
+        error=None if status == "ok" else describe(state.error),
+        width=decoded.width if decoded else None,
+        height=decoded.height if decoded else None,
+        bytes=len(stored.data) if stored else None,
+        enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
+        finished_at=finished,
+        worker=worker,
+    )
+
+
+def describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no caption was produced"
+    return f"{type(error).__name__}: {error}"
+
+
+def _queue_of(task: Task) -> str:
+    delivery = task.request.delivery_info or {}
+    return str(delivery.get("routing_key") or "unknown")
+
+
+@app.task(name=TASK_NAME, bind=True, max_retries=MAX_JOB_RETRIES)
+def caption_batch(self: Task, payload: object) -> dict[str, int]:
+    queue = _queue_of(self)
+    settings = get_settings()
+    try:
+        job = CaptionJob.from_message(payload)
+    except InvalidJob as exc:
+        log.warning("dropping invalid job from %s: %s", queue, exc)
+        metrics.JOBS.labels("invalid", queue).inc()
+        return {"ok": 0, "failed": 0}
+    ctx = get_context(settings)
+    try:
+        rows = process_job(job, ctx)
+        with metrics.STAGE_SECONDS.labels("write").time():
+            ctx.writer.write(rows)
+    except TransientError as exc:
+        if self.request.retries >= MAX_JOB_RETRIES:
+            DeadLetters(settings.broker_url).push(payload, reason=describe(exc), queue=queue)
+            metrics.JOBS.labels("dead", queue).inc()
+            log.error("job sent to dead letters after %d retries: %s", self.request.retries, exc)
+            return {"ok": 0, "failed": 0}
+        metrics.JOBS.labels("retried", queue).inc()
+        countdown = backoff_seconds(self.request.retries, base=2.0, cap=120.0)
+        log.warning("transient failure, retrying in %.1fs: %s", countdown, exc)
+        raise self.retry(exc=exc, countdown=countdown) from exc
+    _record(rows, job, queue)
+    return {
+        "ok": sum(row.status == "ok" for row in rows),
+        "failed": sum(row.status == "failed" for row in rows),
+    }
+
+
+def _record(rows: Sequence[CaptionRow], job: CaptionJob, queue: str) -> None:
+    waited = max(0.0, utcnow().timestamp() - job.enqueued_at)
+    for row in rows:
+        metrics.IMAGES.labels(row.status, queue).inc()
+        metrics.END_TO_END_SECONDS.labels(queue).observe(waited)
+        if row.status == "failed" and row.error:
+            metrics.IMAGE_ERRORS.labels(row.error.split(":", 1)[0]).inc()
+    metrics.JOBS.labels("done", queue).inc()
