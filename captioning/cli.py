@@ -226,7 +226,7 @@ def format_table(records: Sequence[dict[str, object]]) -> str:
     cells = [
         (
             str(r["status"]),
-            shorten(str(r["uri"]), 60),
+            shorten(str(r["uri"]), 60, keep_end=True),
             shorten(str(r["caption"] if r["status"] == "ok" else r["error"]), 70),
         )
         for r in records
@@ -238,8 +238,11 @@ def format_table(records: Sequence[dict[str, object]]) -> str:
     return f"{body}\n({len(records)} rows)\n"
 
 
-def shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+def shorten(text: str, width: int, *, keep_end: bool = False) -> str:
+    """Fit a cell: URIs keep their end (the file name), captions their beginning."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

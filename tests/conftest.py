@@ -20,7 +20,9 @@ from captioning.settings import Settings
 from tests.services import SeaweedS3
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
-POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 ALLOWED_BUCKETS = ("photos", "uploads")
 FORBIDDEN_BUCKET = "forbidden"
 PHOTOS_DIR = Path(__file__).resolve().parent.parent / "captioning" / "samples"
@@ -70,7 +72,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture(scope="session")
-def s3(seaweed: SeaweedS3):  # noqa: ANN201 - boto3 clients have no static type
+def s3(seaweed: SeaweedS3):
     return seaweed.client()
 
 
@@ -124,7 +126,9 @@ def results(settings: Settings) -> Iterator[ResultsStore]:
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, results: ResultsStore, tmp_path_factory) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, results: ResultsStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

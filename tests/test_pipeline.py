@@ -33,6 +33,7 @@ def captioner(settings: Settings, *args: str, stdin: str | None = None) -> str:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -227,6 +228,8 @@ def test_results_command_prints_table_jsonl_and_csv(
     assert "(2 rows)" in table and "ObjectMissing" in table
     lines = captioner(settings, "results", "--prefix", source, "--format", "jsonl").splitlines()
     assert sorted(json.loads(line)["status"] for line in lines) == ["failed", "ok"]
-    csv_out = captioner(settings, "results", "--prefix", source, "--status", "ok", "--format", "csv")
+    csv_out = captioner(
+        settings, "results", "--prefix", source, "--status", "ok", "--format", "csv"
+    )
     assert csv_out.splitlines()[0].startswith("uri,bucket,key,etag")
     assert len(csv_out.splitlines()) == 2

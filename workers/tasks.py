@@ -160,15 +160,16 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
     try:
         job = CaptionJob.from_message(payload)
     except InvalidJob as exc:
-        log.warning("dropping invalid job from %s: %s", queue, exc)
+        log.warning("invalid job from %s moved to dead letters: %s", queue, exc)
+        DeadLetters(settings.broker_url).push(payload, reason=str(exc), queue=queue)
         metrics.JOBS.labels("invalid", queue).inc()
         return {"ok": 0, "failed": 0}
-    ctx = get_context(settings)
     try:
+        ctx = get_context(settings)
         rows = process_job(job, ctx)
         with metrics.STAGE_SECONDS.labels("write").time():
             ctx.writer.write(rows)
-    except TransientError as exc:
+    except Exception as exc:  # any failure is retried, then dead-lettered, never acked as done
         if self.request.retries >= MAX_JOB_RETRIES:
             DeadLetters(settings.broker_url).push(payload, reason=describe(exc), queue=queue)
             metrics.JOBS.labels("dead", queue).inc()
@@ -176,7 +177,8 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
             return {"ok": 0, "failed": 0}
         metrics.JOBS.labels("retried", queue).inc()
         countdown = backoff_seconds(self.request.retries, base=2.0, cap=120.0)
-        log.warning("transient failure, retrying in %.1fs: %s", countdown, exc)
+        log.warning("job failed (%s), retrying in %.1fs", describe(exc), countdown,
+                    exc_info=not isinstance(exc, TransientError))
         raise self.retry(exc=exc, countdown=countdown) from exc
     _record(rows, job, queue)
     return {
