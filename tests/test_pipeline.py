@@ -233,3 +233,24 @@ def test_results_command_prints_table_jsonl_and_csv(
     )
     assert csv_out.splitlines()[0].startswith("uri,bucket,key,etag")
     assert len(csv_out.splitlines()) == 2
+
+
+def test_backfill_of_photos_and_hostile_files_leaves_one_row_per_object(
+    settings: Settings, s3, prefix: str, rows_under: RowsUnder
+) -> None:
+    photos = photo_bytes()
+    hostile = hostile_files(settings.max_image_bytes)
+    upload(s3, "photos", prefix, photos)
+    upload(s3, "photos", prefix, {name: data for name, (data, _) in hostile.items()})
+    source = f"s3://photos/{prefix}"
+
+    out = captioner(settings, "backfill", source, "--batch-size", "4")
+    assert f"enqueued {len(photos) + len(hostile)} images" in out
+
+    rows = {r.key.removeprefix(prefix): r for r in rows_under(source, len(photos) + len(hostile))}
+    assert len(rows) == len(photos) + len(hostile)
+    assert all(rows[name].status == "ok" for name in photos)
+    for name, (_, error) in hostile.items():
+        assert rows[name].status == "failed" and rows[name].error.startswith(error)
+    again = captioner(settings, "backfill", source)
+    assert f"skipped {len(photos) + len(hostile)} already captioned; enqueued 0" in again
