@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(run=cmd_worker)
 
+    exporter = commands.add_parser("exporter", help="serve queue metrics for Prometheus")
+    exporter.add_argument("--port", type=int, default=9809)
+    exporter.set_defaults(run=cmd_exporter)
+
+    health = commands.add_parser(
+        "health", help="exit 0 if this host's worker is alive (--ready: and its model warmed)"
+    )
+    health.add_argument("--ready", action="store_true")
+    health.set_defaults(run=cmd_health)
+
     results = commands.add_parser("results", help="print caption rows")
     results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
@@ -184,6 +194,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.observability import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir()
     from workers.app import app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -198,6 +211,40 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ]
     )
     return 0
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from captioning.exporter import serve
+
+    serve(get_settings().broker_url, args.port)
+    print(f"serving queue metrics on :{args.port}/metrics")
+    while True:
+        time.sleep(3600)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import socket
+
+    import redis
+
+    from captioning.health import is_healthy, read_health
+
+    client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=3)
+    try:
+        health = read_health(client, socket.gethostname())
+    except redis.RedisError as exc:
+        print(f"unhealthy: broker unreachable ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    if is_healthy(health, ready=args.ready, now=time.time()):
+        return 0
+    if health is None:
+        reason = "no health key for this host: is the worker running?"
+    elif health.warmed:
+        reason = f"health key is {time.time() - health.updated_at:.0f} s old"
+    else:
+        reason = "model not loaded and warmed yet"
+    print(f"unhealthy: {reason}", file=sys.stderr)
+    return 1
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -343,6 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "CAPTIONER_ALLOWED_ROOTS": str(directory),
             "CAPTIONER_MODEL": model,
             "CAPTIONER_RESULTS_URI": str(settings.results_uri),
+            "CAPTIONER_METRICS_PORT": "0",
         }
         results = ResultsStore(settings.database_url)
         results.create_schema()

@@ -63,6 +63,31 @@ def queue_stats_for(client: redis.Redis, queue: str, now: float | None = None) -
     return QueueStats(jobs=jobs, images=images, oldest_age_s=max(0.0, age))
 
 
+UNACKED_KEY = "unacked"
+
+
+@dataclass(frozen=True)
+class InFlight:
+    jobs: int
+    images: int
+
+
+def inflight_stats(client: redis.Redis) -> InFlight:
+    """Jobs reserved by workers but not acked: kombu keeps them in the `unacked` hash.
+
+    Few (one per worker process with prefetch 1), so every one is read.
+    """
+    values = client.hvals(UNACKED_KEY)
+    images = 0
+    for raw in values:
+        try:
+            message = json.loads(raw)[0]
+        except (ValueError, IndexError, TypeError):
+            continue
+        images += images_in(job_of(json.dumps(message)))
+    return InFlight(jobs=len(values), images=images)
+
+
 def queue_stats(broker_url: str, queues: tuple[str, ...] = WORK_QUEUES) -> dict[str, QueueStats]:
     client = redis.Redis.from_url(broker_url)
     try:

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import redis
 
+from captioning.embedded import free_port
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from tests.services import SeaweedS3
@@ -97,6 +98,7 @@ def settings(
         max_new_tokens=8,
         max_image_bytes=2_000_000,
         max_image_pixels=20_000_000,
+        metrics_port=free_port(),
     )
 
 
@@ -113,6 +115,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CAPTIONER_MAX_NEW_TOKENS": str(settings.max_new_tokens),
         "CAPTIONER_MAX_IMAGE_BYTES": str(settings.max_image_bytes),
         "CAPTIONER_MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
+        "CAPTIONER_METRICS_PORT": str(settings.metrics_port),
     }
     return {**os.environ, **env}
 

@@ -67,6 +67,10 @@ def get_context(settings: Settings) -> WorkerContext:
     return _context
 
 
+def current_context() -> WorkerContext | None:
+    return _context
+
+
 def close_context() -> None:
     global _context  # noqa: PLW0603
     if _context is not None:

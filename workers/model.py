@@ -313,6 +313,10 @@ class CaptionModel:
         texts = self.processor.batch_decode(output_ids, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
+    def warm_up(self, prompt: str) -> None:
+        """One generate() on a blank image, so kernels and caches are ready before traffic."""
+        self.caption([Image.new("RGB", (self.image_size, self.image_size))], prompt)
+
     def caption(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
         """Captions for `images`, in order, in micro-batches of settings.batch_size."""
         captions: list[str] = []

@@ -1,0 +1,80 @@
+"""Worker health as a Redis key the worker refreshes, read by `captioner health` (arq's habit).
+
+Kubernetes probes run `captioner health` inside the pod: the key for this host must be fresh
+(liveness), and with `--ready` the model must also be loaded and warmed (readiness), so a
+pod takes no traffic while it is still loading weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import redis
+
+HEALTH_PREFIX = "captioner:health:"
+REFRESH_EVERY_S = 10.0
+STALE_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    host: str
+    pid: int
+    model: str
+    warmed: bool
+    updated_at: float
+
+
+def health_key(host: str) -> str:
+    return HEALTH_PREFIX + host
+
+
+def is_healthy(health: WorkerHealth | None, *, ready: bool, now: float) -> bool:
+    if health is None or now - health.updated_at > STALE_AFTER_S:
+        return False
+    return health.warmed or not ready
+
+
+def read_health(client: redis.Redis, host: str) -> WorkerHealth | None:
+    raw = client.get(health_key(host))
+    return WorkerHealth(**json.loads(raw)) if raw else None
+
+
+def workers_online(client: redis.Redis) -> list[WorkerHealth]:
+    keys = list(client.scan_iter(match=HEALTH_PREFIX + "*", count=1000))
+    values = client.mget(keys) if keys else []
+    return [WorkerHealth(**json.loads(raw)) for raw in values if raw]
+
+
+class HealthBeacon:
+    """A daemon thread that rewrites this worker's health key every few seconds."""
+
+    def __init__(self, broker_url: str, *, model: str, pid: int) -> None:
+        self._client = redis.Redis.from_url(broker_url, socket_timeout=5)
+        self._host = socket.gethostname()
+        self._model = model
+        self._pid = pid
+        self.warmed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def beat(self) -> None:
+        health = WorkerHealth(self._host, self._pid, self._model, self.warmed, time.time())
+        self._client.set(health_key(self._host), json.dumps(asdict(health)), ex=int(STALE_AFTER_S))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(redis.RedisError):
+                self.beat()  # while the broker is down the key goes stale; the probe says so
+            self._stop.wait(REFRESH_EVERY_S)

@@ -1,0 +1,138 @@
+"""Worker metrics, the health probe and the queue exporter, scraped over real HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from captioning.broker import create_app
+from captioning.embedded import PrivateRedis, free_port
+from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, CaptionJob, JobItem
+from captioning.settings import Settings
+from producer.enqueue import JobSender
+from tests.conftest import settings_env
+from tests.imagefactory import photo_bytes
+from tests.test_pipeline import captioner, upload
+
+
+def scrape(port: int) -> dict[str, float]:
+    """name{labels} -> value, for every sample on a /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def wait_for_sample(port: int, name: str, minimum: float, timeout: float = 60) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = scrape(port).get(name, 0.0)
+        if value >= minimum or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+@pytest.mark.usefixtures("worker")
+def test_worker_metrics_count_images_and_stages(
+    settings: Settings, s3, prefix: str, rows_under
+) -> None:
+    before = scrape(settings.metrics_port)
+    ok_key = 'captioner_images_total{queue="captions.realtime",status="ok"}'
+    failed_key = 'captioner_images_total{queue="captions.realtime",status="failed"}'
+    photo = photo_bytes()["coffee.png"]
+    uris = upload(s3, "photos", prefix, {"a.png": photo, "b.png": photo})
+    captioner(settings, "enqueue", *uris, f"s3://photos/{prefix}missing.png")
+    rows_under(f"s3://photos/{prefix}", 3)
+
+    wait_for_sample(settings.metrics_port, ok_key, before.get(ok_key, 0) + 2)
+    after = scrape(settings.metrics_port)
+    assert after[ok_key] - before.get(ok_key, 0) == 2
+    assert after[failed_key] - before.get(failed_key, 0) == 1
+    assert after['captioner_image_errors_total{reason="ObjectMissing"}'] >= 1
+    assert after["captioner_model_loaded{}"] == 1
+    assert after["captioner_model_warmed{}"] == 1
+    for stage in ("fetch", "decode", "generate", "write"):
+        assert after[f'captioner_stage_seconds_count{{stage="{stage}"}}'] >= 1
+    assert after['captioner_end_to_end_seconds_count{queue="captions.realtime"}'] >= 3
+    assert not any("s3://" in name or prefix in name for name in after)
+
+
+@pytest.mark.usefixtures("worker")
+def test_health_probe_passes_for_a_warmed_worker(settings: Settings) -> None:
+    env = settings_env(settings)
+    for args in (["health"], ["health", "--ready"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "captioning.cli", *args], env=env, capture_output=True,
+            text=True, timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_health_probe_fails_without_a_worker() -> None:
+    with PrivateRedis() as broker:
+        done = subprocess.run(
+            [sys.executable, "-m", "captioning.cli", "health", "--ready"],
+            env={**settings_env(Settings()), "CAPTIONER_BROKER_URL": broker.url},
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 1
+    assert "is the worker running" in done.stderr
+
+
+@pytest.fixture
+def backlog_broker() -> Iterator[PrivateRedis]:
+    with PrivateRedis() as broker:
+        yield broker
+
+
+@pytest.fixture
+def exporter(backlog_broker: PrivateRedis) -> Iterator[int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "captioning.cli", "exporter", "--port", str(port)],
+        env={**settings_env(Settings()), "CAPTIONER_BROKER_URL": backlog_broker.url},
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            scrape(port)
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "exporter died"
+            time.sleep(0.2)
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def send_backlog(broker_url: str, sizes: dict[str, list[int]]) -> None:
+    app = create_app(Settings(broker_url=broker_url))
+    for queue, jobs in sizes.items():
+        with JobSender(app, queue) as sender:
+            for size in jobs:
+                items = tuple(JobItem(uri=f"s3://photos/{i}.jpg") for i in range(size))
+                sender.send(CaptionJob(items=items, model="m", source="backfill"))
+
+
+def test_exporter_reports_waiting_images_per_queue(
+    exporter: int, backlog_broker: PrivateRedis
+) -> None:
+    send_backlog(backlog_broker.url, {BULK_QUEUE: [32] * 10 + [5], REALTIME_QUEUE: [1, 2]})
+    samples = scrape(exporter)
+    assert samples['captioner_queue_messages{queue="captions.bulk"}'] == 11
+    assert samples['captioner_queue_images{queue="captions.bulk"}'] == 325
+    assert samples['captioner_queue_images{queue="captions.realtime"}'] == 3
+    assert 0 <= samples['captioner_queue_oldest_age_seconds{queue="captions.bulk"}'] < 60
+    assert samples["captioner_inflight_messages{}"] == 0
+    assert samples["captioner_dead_letter_messages{}"] == 0
+    assert samples["captioner_exporter_broker_up{}"] == 1
