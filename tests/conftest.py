@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,10 +15,14 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
-from captioning.embedded import free_port
+from captioning.broker import create_app
+from captioning.embedded import PrivateRedis, free_port
+from captioning.messages import CaptionJob, JobItem
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
+from producer.enqueue import JobSender
 from tests.services import SeaweedS3
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -179,3 +184,51 @@ def rows_under(results: ResultsStore) -> Callable[..., list[CaptionRow]]:
     return lambda uri_prefix, expected, timeout=90: wait_for_rows(
         results, uri_prefix, expected, timeout
     )
+
+
+def scrape(port: int) -> dict[str, float]:
+    """name{labels} -> value, for every sample on a /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def send_backlog(broker_url: str, sizes: dict[str, list[int]]) -> None:
+    """Queue jobs of the given sizes (images per job) without any worker consuming them."""
+    app = create_app(Settings(broker_url=broker_url))
+    for queue, jobs in sizes.items():
+        with JobSender(app, queue) as sender:
+            for size in jobs:
+                items = tuple(JobItem(uri=f"s3://photos/{i}.jpg") for i in range(size))
+                sender.send(CaptionJob(items=items, model="m", source="backfill"))
+
+
+@pytest.fixture
+def backlog_broker() -> Iterator[PrivateRedis]:
+    with PrivateRedis() as broker:
+        yield broker
+
+
+@pytest.fixture
+def exporter(backlog_broker: PrivateRedis) -> Iterator[int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "captioning.cli", "exporter", "--port", str(port)],
+        env={**settings_env(Settings()), "CAPTIONER_BROKER_URL": backlog_broker.url},
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            scrape(port)
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "exporter died"
+            time.sleep(0.2)
+    yield port
+    process.terminate()
+    process.wait(timeout=10)

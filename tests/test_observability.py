@@ -5,32 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from captioning.broker import create_app
-from captioning.embedded import PrivateRedis, free_port
-from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, CaptionJob, JobItem
+from captioning.embedded import PrivateRedis
+from captioning.messages import BULK_QUEUE, REALTIME_QUEUE
 from captioning.settings import Settings
-from producer.enqueue import JobSender
-from tests.conftest import settings_env
+from tests.conftest import scrape, send_backlog, settings_env
 from tests.imagefactory import photo_bytes
 from tests.test_pipeline import captioner, upload
-
-
-def scrape(port: int) -> dict[str, float]:
-    """name{labels} -> value, for every sample on a /metrics page."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}"] = sample.value
-    return samples
 
 
 def wait_for_sample(port: int, name: str, minimum: float, timeout: float = 60) -> float:
@@ -87,41 +70,6 @@ def test_health_probe_fails_without_a_worker() -> None:
         )
     assert done.returncode == 1
     assert "is the worker running" in done.stderr
-
-
-@pytest.fixture
-def backlog_broker() -> Iterator[PrivateRedis]:
-    with PrivateRedis() as broker:
-        yield broker
-
-
-@pytest.fixture
-def exporter(backlog_broker: PrivateRedis) -> Iterator[int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "captioning.cli", "exporter", "--port", str(port)],
-        env={**settings_env(Settings()), "CAPTIONER_BROKER_URL": backlog_broker.url},
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            scrape(port)
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "exporter died"
-            time.sleep(0.2)
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
-
-
-def send_backlog(broker_url: str, sizes: dict[str, list[int]]) -> None:
-    app = create_app(Settings(broker_url=broker_url))
-    for queue, jobs in sizes.items():
-        with JobSender(app, queue) as sender:
-            for size in jobs:
-                items = tuple(JobItem(uri=f"s3://photos/{i}.jpg") for i in range(size))
-                sender.send(CaptionJob(items=items, model="m", source="backfill"))
 
 
 def test_exporter_reports_waiting_images_per_queue(
