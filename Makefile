@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint services clean
+.PHONY: demo test lint services tools clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ demo: $(INSTALLED)
 services:
 	bash .ci/services
 
-test: $(INSTALLED) services
+# promtool and prometheus (Debian's prometheus package) check the alert rules and run the
+# autoscaling-signal test; installed here when missing.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package (promtool, prometheus) for the tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(INSTALLED) services tools
 	$(BIN)/python -m pytest
 
 lint: $(INSTALLED)
