@@ -461,8 +461,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
     from captioning.embedded import PrivateRedis
     from captioning.uris import file_uri
-    from producer.keys import is_image_key
     from producer.enqueue import JobSender, enqueue_uris
+    from producer.keys import is_image_key
 
     directory = args.directory.resolve()
     images = sorted(p for p in directory.rglob("*") if p.is_file() and is_image_key(p.name))
