@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -176,6 +177,14 @@ class WebhookServer(ThreadingHTTPServer):
         self.batcher = batcher
         self.secret = secret.encode()
         self.max_body_bytes = max_body_bytes
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender hanging up on a keep-alive connection is routine, not a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("webhook client %s disconnected: %s", client_address[0], error)
+            return
+        log.exception("webhook request from %s failed", client_address[0])
 
 
 class WebhookHandler(BaseHTTPRequestHandler):
