@@ -7,23 +7,31 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from captioning.errors import CaptionerError, ConfigError
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from producer.batcher import LingerBatcher
+
 log = logging.getLogger("captioner")
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 TINY_MODEL = "tiny-random-blip2"
 REAL_MODEL = "Salesforce/blip2-opt-2.7b"
+DEFAULT_MAX_QUEUE_DEPTH = 100_000
 RESULT_COLUMNS = ("status", "uri", "caption", "error", "width", "height", "model", "finished_at")
 
 
@@ -59,17 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
     enqueue.set_defaults(run=cmd_enqueue)
 
-    backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
-    backfill.add_argument("prefix", metavar="s3://bucket/prefix")
-    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES)
-    backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
-    backfill.add_argument(
-        "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-        help="skip images that already have a row for this model and prompt (default: on)",
-    )
-    backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
-    backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
-    backfill.set_defaults(run=cmd_backfill)
+    add_backfill_parser(commands)
+    add_listen_parser(commands)
 
     worker = commands.add_parser("worker", help="run a captioning worker (one per GPU)")
     worker.add_argument("--queues", default=",".join(WORK_QUEUES),
@@ -96,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--limit", type=positive)
     results.set_defaults(run=cmd_results)
 
-    status = commands.add_parser("status", help="queue depths and result counts")
+    status = commands.add_parser(
+        "status", help="queues, workers, throughput and backfill checkpoints"
+    )
     status.add_argument("--json", action="store_true")
+    status.add_argument("--window", type=positive, default=5, metavar="MINUTES",
+                        help="throughput over the last MINUTES (default 5)")
     status.set_defaults(run=cmd_status)
 
     dead = commands.add_parser("dead", help="inspect or replay dead-lettered jobs")
@@ -118,10 +121,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_backfill_parser(commands: argparse._SubParsersAction) -> None:
+    backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
+    backfill.add_argument("prefix", metavar="s3://bucket/prefix")
+    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES)
+    backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    backfill.add_argument(
+        "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+        help="skip images that already have a row for this model and prompt (default: on)",
+    )
+    backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
+    backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
+    backfill.add_argument("--name", help="checkpoint name (default: the s3:// prefix)")
+    backfill.add_argument("--resume", action="store_true",
+                          help="continue after the checkpoint's last key (from the start if none)")
+    backfill.add_argument(
+        "--max-queue-depth", type=int, default=DEFAULT_MAX_QUEUE_DEPTH, metavar="IMAGES",
+        help="pause listing while the queue holds more images than this; 0 = no limit "
+        f"(default {DEFAULT_MAX_QUEUE_DEPTH:,}: ~10 MB of Redis, minutes of fleet work)",
+    )
+    backfill.add_argument("--since", type=since_date, metavar="DATE",
+                          help="only objects modified at or after DATE (ISO 8601, UTC default)")
+    backfill.add_argument("--match", metavar="GLOB",
+                          help="only keys below the prefix matching GLOB, e.g. '2024-*/*.jpg'")
+    backfill.add_argument("--rate", type=per_second, metavar="N/s",
+                          help="enqueue at most N images per second")
+    backfill.add_argument("--total", type=positive, metavar="OBJECTS",
+                          help="objects expected under the prefix, for the progress ETA")
+    backfill.set_defaults(run=cmd_backfill)
+
+
+def add_listen_parser(commands: argparse._SubParsersAction) -> None:
+    listen = commands.add_parser("listen", help="turn S3 upload events into realtime jobs")
+    sources = listen.add_subparsers(required=True, metavar="SOURCE")
+    sqs = sources.add_parser("sqs", help="long-poll an SQS queue fed by S3 event notifications")
+    sqs.add_argument("--queue-url", required=True, metavar="URL")
+    sqs.add_argument("--receivers", type=positive, default=2, help="parallel long polls")
+    sqs.add_argument("--endpoint-url", help="SQS endpoint (default: AWS for the region)")
+    webhook = sources.add_parser("webhook", help="HTTP endpoint for MinIO / Ceph RGW events")
+    webhook.add_argument("--host", default="0.0.0.0")
+    webhook.add_argument("--port", type=int, default=8080)
+    webhook.add_argument("--max-body-bytes", type=positive, default=1024 * 1024)
+    for parser_ in (sqs, webhook):
+        parser_.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
+        parser_.add_argument("--batch-size", type=positive, default=32, help="images per job")
+        parser_.add_argument("--linger-ms", type=int, default=50,
+                             help="wait this long for more events to fill a job (default 50)")
+        parser_.add_argument("--dedupe-ttl", type=positive, default=6 * 3600, metavar="SECONDS",
+                             help="drop repeats of an event for this long (default 6 h)")
+    sqs.set_defaults(run=cmd_listen_sqs)
+    webhook.set_defaults(run=cmd_listen_webhook)
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def since_date(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an ISO date like 2024-05-31: {exc}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def per_second(text: str) -> float:
+    value = float(text.removesuffix("/s"))
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive rate such as 500/s")
     return value
 
 
@@ -149,48 +219,141 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    import redis
 
     from captioning.broker import create_app
+    from captioning.checkpoints import Checkpoint, Checkpoints
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
-    from producer.backfill import BackfillReport, backfill
+    from producer.backfill import Filters, Pacing, backfill
     from producer.enqueue import JobSender
+    from producer.pacing import QueueGate, RateLimiter
+    from producer.progress import Progress
 
     settings = get_settings()
     source = parse_prefix(args.prefix)
     if source.scheme != "s3":
         raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
     check_allowed(source, settings)
+    name = args.name or args.prefix
+    broker = redis.Redis.from_url(settings.broker_url)
+    checkpoints = Checkpoints(broker)
+    checkpoint = Checkpoint(name=name, source=args.prefix)
+    if args.resume:
+        saved = checkpoints.get(name)
+        if saved is not None and saved.source != args.prefix:
+            raise ConfigError(
+                f"backfill {name!r} was started for {saved.source}, not {args.prefix}: "
+                "pass the same prefix, or another --name"
+            )
+        if saved is not None:
+            log.info("resuming %s after key %r", name, saved.last_key)
+            checkpoint = saved
+            checkpoint.finished = False
+        else:
+            log.info("no checkpoint named %r: starting from the beginning", name)
     results = ResultsStore(settings.database_url) if args.skip_existing else None
-    bar = tqdm(unit=" images", desc="enqueued", disable=None, dynamic_ncols=True)
+    pacing = Pacing(rate=RateLimiter(args.rate) if args.rate else None)
+    if args.max_queue_depth > 0:
+        pacing.gate = QueueGate(
+            broker, args.queue, max_images=args.max_queue_depth, images_per_job=args.batch_size
+        )
+    progress = Progress(checkpoint, total=args.total)
+    paused = lambda: pacing.gate.paused_s if pacing.gate else 0.0  # noqa: E731
 
-    def progress(report: BackfillReport) -> None:
-        bar.update(report.enqueued - bar.n)
-        bar.set_postfix(listed=report.listed, skipped=report.skipped, refresh=False)
-
-    def run(sender: JobSender | None) -> BackfillReport:
+    def run(sender: JobSender | None) -> Checkpoint:
         return backfill(
-            source, store=S3Store(settings), results=results, sender=sender, settings=settings,
-            batch_size=args.batch_size, limit=args.limit, on_progress=progress,
+            source, list_pages=S3Store(settings).list, results=results, sender=sender,
+            settings=settings, batch_size=args.batch_size, checkpoint=checkpoint,
+            checkpoints=checkpoints, pacing=pacing, limit=args.limit,
+            filters=Filters(prefix=source.key, since=args.since, match=args.match),
+            on_progress=lambda cp: progress.update(cp, paused()),
         )
 
-    if args.dry_run:
-        report = run(None)
-    else:
-        with JobSender(create_app(settings), args.queue) as sender:
-            report = run(sender)
-    progress(report)
-    bar.close()
+    try:
+        if args.dry_run:
+            report = run(None)
+        else:
+            with JobSender(create_app(settings), args.queue) as sender:
+                report = run(sender)
+    finally:
+        progress.close(checkpoint, paused())
     verb = "would enqueue" if args.dry_run else "enqueued"
     print(
         f"listed {report.listed} objects, {report.images} images; skipped {report.skipped} "
         f"already captioned; {verb} {report.enqueued} images in {report.jobs} jobs"
     )
-    if args.dry_run:
-        for uri in report.sample:
-            print(f"  {uri}")
+    if not report.finished:
+        print(f"stopped before the end: continue with --resume (checkpoint {name!r})")
     return 0
+
+
+def cmd_listen_sqs(args: argparse.Namespace) -> int:
+    import boto3
+
+    from producer.listeners import SqsListener
+
+    client = boto3.client("sqs", endpoint_url=args.endpoint_url)
+    with event_batcher(args) as batcher:
+        listener = SqsListener(client, args.queue_url, batcher, receivers=args.receivers)
+        stop_on_signals(listener.stopping.set)
+        listener.run()
+    return 0
+
+
+def cmd_listen_webhook(args: argparse.Namespace) -> int:
+    from producer.listeners import WebhookServer
+
+    secret = get_settings().webhook_secret
+    if secret is None or not secret.get_secret_value():
+        raise ConfigError(
+            "set CAPTIONER_WEBHOOK_SECRET: senders must present it as "
+            "'Authorization: Bearer <secret>' (MinIO auth_token) or 'X-Captioner-Secret'"
+        )
+    with event_batcher(args) as batcher:
+        server = WebhookServer(
+            (args.host, args.port), batcher, secret=secret.get_secret_value(),
+            max_body_bytes=args.max_body_bytes,
+        )
+        stop_on_signals(lambda: threading.Thread(target=server.shutdown).start())
+        log.info("webhook listening on %s:%d", args.host, server.server_address[1])
+        with server:
+            server.serve_forever()
+    return 0
+
+
+@contextmanager
+def event_batcher(args: argparse.Namespace) -> Iterator[LingerBatcher]:
+    """Sender, deduper and batcher for a listener; flushes what is waiting on the way out."""
+    import redis
+
+    from captioning.broker import create_app
+    from producer.batcher import LingerBatcher
+    from producer.dedupe import Deduper
+    from producer.enqueue import JobSender
+    from producer.listeners import EventEnqueuer
+
+    settings = get_settings()
+    deduper = Deduper(redis.Redis.from_url(settings.broker_url), ttl_s=args.dedupe_ttl)
+    with JobSender(create_app(settings), args.queue) as sender:
+        enqueuer = EventEnqueuer(sender, deduper, settings, args.batch_size)
+        batcher = LingerBatcher(
+            enqueuer, batch_size=args.batch_size, linger_s=args.linger_ms / 1000
+        )
+        try:
+            yield batcher
+        finally:
+            batcher.close()
+            log.info(
+                "listener stopped: %d images in %d jobs, %d duplicates dropped",
+                sender.images_sent, sender.jobs_sent, enqueuer.duplicates,
+            )
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM (Kubernetes) and SIGINT stop taking events; what was taken is still enqueued."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop())
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -293,22 +456,10 @@ def shorten(text: str, width: int, *, keep_end: bool = False) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from captioning.queues import queue_stats
+    from captioning.status import collect_status, format_status
 
-    settings = get_settings()
-    queues = queue_stats(settings.broker_url)
-    report = {
-        "queues": {name: stats.__dict__ for name, stats in queues.items()},
-        "results": ResultsStore(settings.database_url).status_counts(),
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{'queue':<20} {'jobs':>8} {'images':>8} {'oldest (s)':>11}")
-    for name, stats in queues.items():
-        print(f"{name:<20} {stats.jobs:>8} {stats.images:>8} {stats.oldest_age_s:>11.1f}")
-    counts = report["results"]
-    print(f"rows: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed")
+    report = collect_status(get_settings(), window_s=args.window * 60)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_status(report))
     return 0
 
 
@@ -357,8 +508,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
     from captioning.embedded import PrivateRedis
     from captioning.uris import file_uri
-    from producer.backfill import is_image_key
     from producer.enqueue import JobSender, enqueue_uris
+    from producer.keys import is_image_key
 
     directory = args.directory.resolve()
     images = sorted(p for p in directory.rglob("*") if p.is_file() and is_image_key(p.name))

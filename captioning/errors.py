@@ -3,6 +3,7 @@
 CaptionerError
 ├── ConfigError             a setting is wrong; fix the environment and restart
 ├── InvalidJob              a queue message is not a valid CaptionJob; dropped, never retried
+├── InvalidEvent            a storage event is not S3 event JSON; left for the SQS redrive policy
 ├── ModelLoadError          the model could not be loaded; the worker cannot start
 ├── ImageError              one image cannot be captioned; recorded as `failed`, not retried
 │   ├── UriRefused          scheme, bucket or path not allowed; refused before any I/O
@@ -26,6 +27,10 @@ class ConfigError(CaptionerError):
 
 
 class InvalidJob(CaptionerError):
+    pass
+
+
+class InvalidEvent(CaptionerError):
     pass
 
 

@@ -192,6 +192,16 @@ class ResultsStore:
         with self._connection(write=False) as conn:
             return {status: count for status, count in conn.execute(query)}
 
+    def finished_since(self, since: datetime) -> dict[str, int]:
+        """Rows finished at or after `since`, by status (uses the status, finished_at index)."""
+        query = (
+            select(captions.c.status, func.count())
+            .where(captions.c.finished_at >= since)
+            .group_by(captions.c.status)
+        )
+        with self._connection(write=False) as conn:
+            return {status: count for status, count in conn.execute(query)}
+
     def dispose(self) -> None:
         self.engine.dispose()
 

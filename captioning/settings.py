@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(default=900, ge=10)
 
     metrics_port: int = Field(default=9808, ge=0, le=65535)
+    webhook_secret: SecretStr | None = None
 
     @field_validator("allowed_buckets", "allowed_roots", mode="before")
     @classmethod

@@ -2,43 +2,59 @@
 
 Each page of up to 1,000 keys costs one listing call and one database query (not one per
 key), and jobs are sent while listing goes on, so memory stays flat for any bucket size.
+Sends pause while the bulk queue is deep (QueueGate), and after every job the checkpoint
+records the last key it covers, so `--resume` re-sends at most the one job in flight.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
-from pathlib import PurePosixPath
+from datetime import datetime
 
-from captioning.messages import JobItem
+from captioning.checkpoints import Checkpoint, Checkpoints
+from captioning.messages import CaptionJob, JobItem
 from captioning.results import ResultsStore, row_id
 from captioning.settings import Settings
-from captioning.storage import ListedObject, S3Store
+from captioning.storage import ListedObject
 from captioning.uris import ImageLocation
-from producer.enqueue import JobSender, make_jobs
+from producer.enqueue import JobSender
+from producer.keys import is_image_key, s3_uri
+from producer.pacing import QueueGate, RateLimiter
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
-)
+Lister = Callable[[str, str, str], Iterable[list[ListedObject]]]
+"""(bucket, prefix, start_after) -> pages in key order: S3Store.list has this shape."""
 
 
-def is_image_key(key: str) -> bool:
-    return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
+@dataclass(frozen=True)
+class Filters:
+    """Which listed objects are candidates: image keys, modified since, matching a glob."""
+
+    prefix: str = ""
+    since: datetime | None = None
+    match: str | None = None
+    _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.match:
+            object.__setattr__(self, "_pattern", re.compile(fnmatch.translate(self.match)))
+
+    def accept(self, obj: ListedObject) -> bool:
+        """The glob applies to the key below the prefix; `*` also crosses `/`."""
+        if not is_image_key(obj.key):
+            return False
+        if self.since is not None and obj.last_modified < self.since:
+            return False
+        return self._pattern is None or bool(self._pattern.match(obj.key[len(self.prefix) :]))
 
 
 @dataclass
-class BackfillReport:
-    listed: int = 0
-    images: int = 0
-    skipped: int = 0
-    enqueued: int = 0
-    jobs: int = 0
-    sample: list[str] = field(default_factory=list)
-
-
-def s3_uri(bucket: str, key: str) -> str:
-    return f"s3://{bucket}/{key}"
+class Pacing:
+    gate: QueueGate | None = None
+    rate: RateLimiter | None = None
 
 
 def pending_items(
@@ -46,57 +62,106 @@ def pending_items(
     page: Iterable[ListedObject],
     *,
     settings: Settings,
+    filters: Filters,
     done_ids: Callable[[list[str]], set[str]] | None,
-) -> list[JobItem]:
-    """Images of one listing page that have no row yet for this model and prompt."""
+) -> tuple[list[JobItem], int]:
+    """Candidates of one listing page with no row yet for this model and prompt, and the
+    number of candidates. JobItems are built with `model_construct`: the values come from
+    the listing (never user input) and the worker validates every message anyway."""
     items = [
-        JobItem(uri=s3_uri(bucket, obj.key), etag=obj.etag or None)
+        JobItem.model_construct(uri=s3_uri(bucket, obj.key), etag=obj.etag or None, version_id=None)
         for obj in page
-        if is_image_key(obj.key)
+        if filters.accept(obj)
     ]
+    candidates = len(items)
     if done_ids is None or not items:
-        return items
-    ids = [row_id(item.uri, item.etag or "", settings.model, settings.prompt) for item in items]
+        return items, candidates
+    model, prompt = settings.model, settings.prompt
+    ids = [row_id(item.uri, item.etag or "", model, prompt) for item in items]
     done = done_ids(ids)
-    return [item for item, item_id in zip(items, ids, strict=True) if item_id not in done]
+    if done:
+        items = [item for item, item_id in zip(items, ids, strict=True) if item_id not in done]
+    return items, candidates
 
 
 def backfill(
     source: ImageLocation,
     *,
-    store: S3Store,
+    list_pages: Lister,
     results: ResultsStore | None,
     sender: JobSender | None,
     settings: Settings,
     batch_size: int,
+    checkpoint: Checkpoint,
+    checkpoints: Checkpoints | None = None,
+    filters: Filters | None = None,
+    pacing: Pacing | None = None,
     limit: int | None = None,
-    on_progress: Callable[[BackfillReport], None] = lambda _report: None,
-) -> BackfillReport:
-    """List `source` and enqueue what is missing; `sender=None` is a dry run."""
-    report = BackfillReport()
+    on_progress: Callable[[Checkpoint], None] = lambda _checkpoint: None,
+) -> Checkpoint:
+    """List `source` after `checkpoint.last_key` and enqueue what is missing.
+
+    `sender=None` is a dry run (nothing sent, no checkpoint saved). The returned checkpoint
+    is `finished` when the listing (or `limit`) was exhausted.
+    """
+    filters = filters or Filters(prefix=source.key)
+    pacing = pacing or Pacing()
     done_ids = results.existing_ids if results is not None else None
+    bucket_uri_length = len(s3_uri(source.bucket, ""))
+    model, prompt = settings.model, settings.prompt
+    buffer: list[JobItem] = []
 
-    def pending() -> Iterator[JobItem]:
-        for page in store.list(source.bucket, source.key):
-            report.listed += len(page)
-            images = sum(is_image_key(obj.key) for obj in page)
-            items = pending_items(source.bucket, page, settings=settings, done_ids=done_ids)
-            report.images += images
-            report.skipped += images - len(items)
-            yield from items
-            on_progress(report)
-
-    jobs = make_jobs(
-        islice(pending(), limit),
-        batch_size=batch_size,
-        model=settings.model,
-        prompt=settings.prompt,
-        source="backfill",
-    )
-    for job in jobs:
+    def send(items: list[JobItem], last_key: str) -> None:
         if sender is not None:
-            sender.send(job)
-        report.jobs += 1
-        report.enqueued += len(job.items)
-        report.sample.extend(item.uri for item in job.items[: max(0, 10 - len(report.sample))])
-    return report
+            if pacing.gate is not None:
+                pacing.gate.wait(len(items))
+            if pacing.rate is not None:
+                pacing.rate.acquire(len(items))
+            sender.send(
+                CaptionJob.model_construct(
+                    items=tuple(items), model=model, prompt=prompt, source="backfill",
+                    enqueued_at=time.time(),
+                )
+            )
+        checkpoint.jobs += 1
+        checkpoint.enqueued += len(items)
+        checkpoint.last_key = last_key
+        if checkpoints is not None and sender is not None:
+            checkpoints.save(checkpoint)
+
+    exhausted = True
+    for page in _pages(list_pages, source, checkpoint.last_key):
+        items, candidates = pending_items(
+            source.bucket, page, settings=settings, filters=filters, done_ids=done_ids
+        )
+        checkpoint.listed += len(page)
+        checkpoint.images += candidates
+        checkpoint.skipped += candidates - len(items)
+        room = None if limit is None else limit - checkpoint.enqueued - len(buffer)
+        truncated = room is not None and room < len(items)
+        for item in items[:room] if truncated else items:
+            buffer.append(item)
+            if len(buffer) == batch_size:
+                send(buffer, item.uri[bucket_uri_length:])
+                buffer = []
+        if not buffer and not truncated:
+            checkpoint.last_key = page[-1].key  # the whole page is queued or skipped
+        on_progress(checkpoint)
+        if room is not None and room <= len(items):
+            exhausted = False
+            break
+    if buffer:
+        send(buffer, buffer[-1].uri[bucket_uri_length:])
+    checkpoint.finished = exhausted
+    if checkpoints is not None and sender is not None:
+        checkpoints.save(checkpoint)
+    on_progress(checkpoint)
+    return checkpoint
+
+
+def _pages(
+    list_pages: Lister, source: ImageLocation, start_after: str
+) -> Iterator[list[ListedObject]]:
+    for page in list_pages(source.bucket, source.key, start_after):
+        if page:
+            yield page

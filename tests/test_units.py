@@ -18,8 +18,9 @@ from captioning.results import CaptionRow, ResultsStore, row_id, sidecar_key
 from captioning.settings import Settings
 from captioning.storage import ListedObject
 from captioning.uris import allowed_location, parse_prefix, parse_uri
-from producer.backfill import is_image_key, pending_items
+from producer.backfill import Filters, pending_items
 from producer.enqueue import make_jobs
+from producer.keys import is_image_key
 from workers.retry import backoff_seconds
 
 
@@ -144,8 +145,10 @@ def test_image_keys_and_pending_items_skip_done_rows() -> None:
         asked.append(ids)
         return done & set(ids)
 
-    pending = pending_items("bkt", page, settings=settings, done_ids=done_ids)
-    assert [item.uri for item in pending] == ["s3://bkt/c.png"]
+    pending, candidates = pending_items(
+        "bkt", page, settings=settings, filters=Filters(), done_ids=done_ids
+    )
+    assert [item.uri for item in pending] == ["s3://bkt/c.png"] and candidates == 2
     assert len(asked) == 1 and len(asked[0]) == 2
 
 
