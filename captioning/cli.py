@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a captioning worker (one per GPU)")
     worker.add_argument("--queues", default=",".join(WORK_QUEUES),
                         help="queues to consume, first served first")
-    worker.add_argument("--concurrency", type=positive, default=1,
-                        help="pool processes, each loading the model (default 1)")
+    worker.add_argument("--concurrency", type=positive, default=None,
+                        help="jobs held at once, sharing one model "
+                             "(default CAPTIONER_JOBS_IN_FLIGHT, 2)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(run=cmd_worker)
 
@@ -187,11 +188,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    concurrency = args.concurrency or get_settings().jobs_in_flight
     app.worker_main(
         [
             "worker",
             "--queues", ",".join(queues),
-            "--concurrency", str(args.concurrency),
+            "--pool", "threads",
+            "--concurrency", str(concurrency),
             "--loglevel", args.loglevel,
             "--hostname", "captioner@%h",
             "--without-gossip", "--without-mingle",
