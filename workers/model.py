@@ -99,7 +99,7 @@ def build_tiny_blip2(
     (encoder-decoder, like blip2-flan-t5-*) language model, a word-level tokenizer built
     offline with an `<image>` token, and weights drawn from `torch.manual_seed(seed)`.
     """
-    tokenizer = _tiny_tokenizer(text_model)
+    tokenizer = tiny_tokenizer(text_model)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (_PAD, _BOS, _EOS)}
     common = {
         "vocab_size": len(tokenizer),
@@ -172,7 +172,7 @@ def build_tiny_blip2(
     return directory
 
 
-def _tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over caption words, built in-process (nothing downloaded).
 
     Like the real ones, OPT's prepends a BOS and T5's appends an EOS to every text.

@@ -11,9 +11,11 @@ a transient store failure propagates (the job is retried).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from itertools import chain
 
 from PIL import Image
 
@@ -24,6 +26,7 @@ from captioning.storage import Stores
 from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
+from workers.model import CaptionModel
 from workers.pixels import ModelPixels
 
 
@@ -119,3 +122,28 @@ def micro_batches(
             batch = []
     if batch:
         yield batch
+
+
+def caption_stream(
+    states: Sequence[ItemState],
+    prompt: str,
+    model: CaptionModel,
+    stages: Stages,
+    turn: AbstractContextManager[object],
+    *,
+    lookahead: int,
+) -> None:
+    """Caption `states` as their pixels arrive, `lookahead` images prepared ahead. The model
+    (`turn`) is taken once the first batch is ready and held to the last, so the jobs in
+    flight finish in the order they got it."""
+    batches = micro_batches(stages.stream(states, lookahead), lambda: model.batch_size)
+    first = next(batches, None)
+    if first is None:
+        return
+    with turn:
+        for batch in chain([first], batches):
+            with metrics.STAGE_SECONDS.labels("generate").time():
+                captions = model.generate([s.pixels for s in batch if s.pixels is not None], prompt)
+            metrics.BATCH_SIZE.observe(len(batch))
+            for state, caption in zip(batch, captions, strict=True):
+                state.caption, state.pixels = caption, None

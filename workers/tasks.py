@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from itertools import chain
 
 from celery import Task
 
@@ -26,7 +25,7 @@ from captioning.settings import get_settings
 from captioning.uris import allowed_location
 from workers.app import app
 from workers.context import WorkerContext, get_context
-from workers.pipeline import ItemState, micro_batches
+from workers.pipeline import ItemState, caption_stream
 from workers.retry import backoff_seconds
 
 log = logging.getLogger(__name__)
@@ -50,27 +49,16 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
         for state in states:
             state.error = state.error or mismatch
 
-    _generate([s for s in states if s.alive], job.prompt, ctx)
+    caption_stream(
+        [s for s in states if s.alive],
+        job.prompt,
+        ctx.model,
+        ctx.stages,
+        ctx.model_turn,
+        lookahead=max(2 * ctx.model.batch_size, settings.fetch_concurrency),
+    )
     finished = utcnow()
     return [_row(state, job, ctx.name, finished) for state in states]
-
-
-def _generate(states: Sequence[ItemState], prompt: str, ctx: WorkerContext) -> None:
-    """Caption `states` as their pixels arrive. The model is taken once the first batch is
-    ready and held to the last, so jobs finish in the order they got the model."""
-    model = ctx.model
-    ahead = max(2 * model.batch_size, ctx.settings.fetch_concurrency)
-    batches = micro_batches(ctx.stages.stream(states, ahead), lambda: model.batch_size)
-    first = next(batches, None)
-    if first is None:
-        return
-    with ctx.model_turn:
-        for batch in chain([first], batches):
-            with metrics.STAGE_SECONDS.labels("generate").time():
-                captions = model.generate([s.pixels for s in batch if s.pixels is not None], prompt)
-            metrics.BATCH_SIZE.observe(len(batch))
-            for state, caption in zip(batch, captions, strict=True):
-                state.caption, state.pixels = caption, None
 
 
 def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> CaptionRow:
