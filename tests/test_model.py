@@ -225,3 +225,17 @@ def test_weights_cached_needs_every_shard(tmp_path: Path) -> None:
     assert not weights_cached(repo, cache_dir=tmp_path)
     write_cache_file(tmp_path, repo, shards[1], "weights")
     assert weights_cached(repo, cache_dir=tmp_path)
+
+
+def test_static_cache_gives_the_same_captions(tiny_dirs: dict[str, Path]) -> None:
+    images = five_images()
+    assert load(tiny_dirs["opt"], static_cache=True).caption(images, QUESTION) == load(
+        tiny_dirs["opt"]
+    ).caption(images, QUESTION)
+
+
+def test_quantization_is_refused_where_bitsandbytes_cannot_run(
+    tiny_dirs: dict[str, Path],
+) -> None:
+    settings = Settings(model=str(tiny_dirs["opt"]), device="cpu", quantization="8bit")
+    assert_fails_fast(settings, "needs a CUDA device")
