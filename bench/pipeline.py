@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--job-size", type=int, default=32, help="images per job (CLI default)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--jobs-in-flight", type=int, default=Settings().jobs_in_flight)
+    parser.add_argument("--no-sidecars", action="store_true", help="database rows only")
     parser.add_argument("--redis-db", type=int, default=13)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
@@ -164,7 +165,7 @@ def main() -> None:
                 database_url=args.postgres.rsplit("/", 1)[0] + f"/{database}",
                 s3_endpoint_url=seaweed.endpoint,
                 allowed_buckets=(BUCKET, RESULTS_BUCKET),
-                results_uri=f"s3://{RESULTS_BUCKET}/captions",
+                results_uri=None if args.no_sidecars else f"s3://{RESULTS_BUCKET}/captions",
                 model=TINY_MODEL,
                 max_new_tokens=20,
                 jobs_in_flight=args.jobs_in_flight,
@@ -207,7 +208,8 @@ def report(
     print(f"tiny BLIP-2 on CPU ({os.cpu_count()} cores, torch {torch.__version__}), "
           f"{args.images} images ({samples} sample photos, 0.1-0.8 MB) in jobs of "
           f"{args.job_size}, micro-batch {settings.batch_size}, {settings.max_new_tokens} "
-          f"new tokens, {settings.jobs_in_flight} jobs in flight")
+          f"new tokens, {settings.jobs_in_flight} jobs in flight, sidecars "
+          f"{'on' if settings.results_uri else 'off'}")
     print(f"{'round':<6} {'bare img/s':>11} {'model img/s':>12} {'system img/s':>13} "
           f"{'system/bare':>12} {'system/model':>13}")
     for i, (b, m, s) in enumerate(runs, 1):
