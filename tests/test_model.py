@@ -112,7 +112,7 @@ def test_preprocess_never_truncates_the_image_tokens(
     model = load(tiny_dirs[text_model])
     config = model.model.config
     long_prompt = " ".join(["what is in the picture ?"] * 200)
-    inputs = model.preprocess(five_images()[:2], long_prompt)
+    inputs = model.preprocess([model.to_pixels(image) for image in five_images()[:2]], long_prompt)
     assert inputs["pixel_values"].shape == (2, 3, model.image_size, model.image_size)
     image_tokens = (inputs["input_ids"] == config.image_token_index).sum(dim=1)
     assert image_tokens.tolist() == [config.num_query_tokens] * 2
@@ -122,7 +122,7 @@ def test_preprocess_never_truncates_the_image_tokens(
 def test_generate_output_shape_and_postprocess(tiny_dirs: dict[str, Path], text_model: str) -> None:
     """OPT's generate() returns prompt + new ids; T5's returns decoder ids only."""
     model = load(tiny_dirs[text_model], max_new_tokens=5)
-    inputs = model.preprocess(five_images(), QUESTION)
+    inputs = model.preprocess([model.to_pixels(image) for image in five_images()], QUESTION)
     output = model.predict(inputs)
     prompt_length = inputs["input_ids"].shape[1]
     if text_model == "opt":
@@ -225,3 +225,17 @@ def test_weights_cached_needs_every_shard(tmp_path: Path) -> None:
     assert not weights_cached(repo, cache_dir=tmp_path)
     write_cache_file(tmp_path, repo, shards[1], "weights")
     assert weights_cached(repo, cache_dir=tmp_path)
+
+
+def test_static_cache_gives_the_same_captions(tiny_dirs: dict[str, Path]) -> None:
+    images = five_images()
+    assert load(tiny_dirs["opt"], static_cache=True).caption(images, QUESTION) == load(
+        tiny_dirs["opt"]
+    ).caption(images, QUESTION)
+
+
+def test_quantization_is_refused_where_bitsandbytes_cannot_run(
+    tiny_dirs: dict[str, Path],
+) -> None:
+    settings = Settings(model=str(tiny_dirs["opt"]), device="cpu", quantization="8bit")
+    assert_fails_fast(settings, "needs a CUDA device")

@@ -1,7 +1,9 @@
-"""The worker's Celery app: the shared configuration plus per-process hooks.
+"""The worker's Celery app: the shared configuration plus the process hooks.
 
-The parent process serves metrics; each pool process loads the model, warms it up, and
-keeps a health key fresh for the Kubernetes probes.
+The model is loaded once per model-holding process: in the pool child under the prefork
+pool (never before the fork: CUDA does not survive one), in the worker process itself under
+the threads pool. The parent serves the merged metrics; the model-holding process warms the
+model up and keeps the health key fresh for the Kubernetes probes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_shutdown,
 )
 
 from captioning import metrics
@@ -32,27 +35,35 @@ app = create_app(get_settings(), include=("workers.tasks",))
 _beacon: HealthBeacon | None = None
 
 
+def _threads_pool() -> bool:
+    return get_settings().pool == "threads"
+
+
 @worker_init.connect
-def _serve_metrics(**_: object) -> None:
+def _start_worker(**_: object) -> None:
     port = get_settings().metrics_port
-    if not port:
-        return
-    try:
-        serve_metrics(port)
-    except OSError as exc:
-        log.error("cannot serve metrics on port %d (CAPTIONER_METRICS_PORT): %s", port, exc)
-        return
-    log.info("metrics on :%d/metrics", port)
+    if port:
+        try:
+            serve_metrics(port)
+            log.info("metrics on :%d/metrics", port)
+        except OSError as exc:
+            log.error("cannot serve metrics on port %d (CAPTIONER_METRICS_PORT): %s", port, exc)
+    if _threads_pool():
+        _load_model()
 
 
 @worker_process_init.connect
-def _load_model(**_: object) -> None:
-    """Load and warm the model when the pool process starts, not on the first job.
+def _start_pool_process(**_: object) -> None:
+    _load_model()
+
+
+def _load_model() -> None:
+    """Load and warm the model before the first job.
 
     A worker that cannot load its model can do nothing useful: stop the whole worker so
     Kubernetes shows the error (CrashLoopBackOff) instead of a pod that fails every job.
     """
-    global _beacon  # noqa: PLW0603 - one beacon per pool process
+    global _beacon  # noqa: PLW0603 - one beacon per model-holding process
     from workers.context import get_context
 
     settings = get_settings()
@@ -62,16 +73,20 @@ def _load_model(**_: object) -> None:
         context = get_context(settings)
     except CaptionerError as exc:
         log.critical("cannot start: %s", exc)
+        if _threads_pool():
+            raise SystemExit(1) from exc
         os.kill(os.getppid(), signal.SIGTERM)
         raise
     model = context.model
     metrics.MODEL_LOADED.set(1)
+    metrics.MODEL_WARMED.set(1)  # CaptionModel.load warms up before returning
     metrics.BUILD_INFO.labels(version=_version(), model=model.name).set(1)
-    model.warm_up(settings.prompt)
-    metrics.MODEL_WARMED.set(1)
     _beacon.warmed = True
     _beacon.beat()
-    log.info("worker %s ready: model %s on %s", context.name, model.name, model.device)
+    log.info(
+        "worker %s ready: model %s on %s, micro-batch %d",
+        context.name, model.name, model.device, model.batch_size,
+    )
 
 
 @task_postrun.connect
@@ -86,7 +101,17 @@ def _gpu_memory(**_: Any) -> None:
 
 
 @worker_process_shutdown.connect
-def _close(**_: object) -> None:
+def _stop_pool_process(**_: object) -> None:
+    _close()
+
+
+@worker_shutdown.connect
+def _stop_worker(**_: object) -> None:
+    if _threads_pool():
+        _close()
+
+
+def _close() -> None:
     from workers.context import close_context
 
     if _beacon is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
 from workers.model import CaptionModel
+from workers.pipeline import Stages
 from workers.write import ResultWriter
 
 
@@ -27,22 +29,42 @@ class WorkerContext:
     model: CaptionModel
     io_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
+    stages: Stages
+    #: Held by the job generating; the other jobs in flight fetch and decode meanwhile.
+    model_turn: threading.Lock
     name: str
 
     @classmethod
     def create(cls, settings: Settings) -> WorkerContext:
         stores = Stores(settings)
         results = ResultsStore(settings.database_url)
-        io_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="io")
-        decode_pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
+        # Every job in flight fetches through the same threads (and writes its sidecars there).
+        io_pool = ThreadPoolExecutor(
+            settings.fetch_concurrency * jobs_per_process(settings), thread_name_prefix="io"
+        )
+        decode_pool = ThreadPoolExecutor(
+            settings.decode_threads or decode_threads(), thread_name_prefix="decode"
+        )
+        model = CaptionModel.load(settings)
+        stages = Stages(
+            stores=stores,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            to_pixels=model.to_pixels,
+            target_size=model.image_size,
+            io_pool=io_pool,
+            decode_pool=decode_pool,
+        )
         return cls(
             settings=settings,
             stores=stores,
             results=results,
             writer=ResultWriter(results, stores, settings.results_uri, io_pool),
-            model=CaptionModel.load(settings),
+            model=model,
             io_pool=io_pool,
             decode_pool=decode_pool,
+            stages=stages,
+            model_turn=threading.Lock(),
             name=f"{socket.gethostname()}:{os.getpid()}",
         )
 
@@ -52,19 +74,27 @@ class WorkerContext:
         self.results.dispose()
 
 
+def jobs_per_process(settings: Settings) -> int:
+    """Jobs one model-holding process runs at once: one under prefork, more under threads."""
+    return settings.jobs_in_flight if settings.pool == "threads" else 1
+
+
 def decode_threads() -> int:
-    """Pillow releases the GIL while decoding, so one thread per usable core pays off."""
+    """Pillow releases the GIL while decoding and resizing, so one thread per usable core
+    pays off; more would only queue on the cores (and the model needs one too)."""
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 _context: WorkerContext | None = None
+_creating = threading.Lock()  # the jobs in flight are threads: one model, never two
 
 
 def get_context(settings: Settings) -> WorkerContext:
     global _context  # noqa: PLW0603 - one context per process, by design
-    if _context is None:
-        _context = WorkerContext.create(settings)
-    return _context
+    with _creating:
+        if _context is None:
+            _context = WorkerContext.create(settings)
+        return _context
 
 
 def current_context() -> WorkerContext | None:
@@ -73,6 +103,7 @@ def current_context() -> WorkerContext | None:
 
 def close_context() -> None:
     global _context  # noqa: PLW0603
-    if _context is not None:
-        _context.close()
-        _context = None
+    with _creating:
+        if _context is not None:
+            _context.close()
+            _context = None

@@ -1,10 +1,9 @@
-"""Concurrent, size-capped object GETs with per-object retries of transient errors."""
+"""Size-capped object GETs with per-object retries of transient errors (run many at once
+from the worker's I/O threads, see workers/pipeline.py)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from concurrent.futures import Executor
 
 from captioning.errors import ImageError, StoreUnavailable
 from captioning.storage import StoredObject, Stores
@@ -37,18 +36,3 @@ def fetch_one(
             if attempt >= attempts:
                 raise
             time.sleep(backoff_seconds(attempt, base=0.5, cap=8.0))
-
-
-def fetch_all(
-    stores: Stores,
-    requests: Sequence[tuple[ImageLocation, str | None]],
-    *,
-    max_bytes: int,
-    executor: Executor,
-) -> list[Fetched]:
-    """Fetch (location, version_id) pairs in parallel, keeping their order."""
-    futures = [
-        executor.submit(fetch_one, stores, location, max_bytes=max_bytes, version_id=version)
-        for location, version in requests
-    ]
-    return [future.result() for future in futures]

@@ -11,21 +11,24 @@ production runs. Its captions are noise.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.constants import is_offline_mode
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    BatchFeature,
+    BitsAndBytesConfig,
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
@@ -38,7 +41,8 @@ from transformers import (
 )
 
 from captioning.errors import ModelLoadError
-from captioning.settings import Settings
+from captioning.settings import Quantization, Settings
+from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ PLACEHOLDER_NOTICE = (
     "(weights in the Hugging Face cache, or a local save_pretrained directory)."
 )
 
+#: The start-up batch probe stops once a batch peaks above this share of GPU memory.
+MEMORY_HEADROOM = 0.8
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Single files first, then the index of a sharded checkpoint (its shards are checked too).
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -93,7 +99,7 @@ def build_tiny_blip2(
     (encoder-decoder, like blip2-flan-t5-*) language model, a word-level tokenizer built
     offline with an `<image>` token, and weights drawn from `torch.manual_seed(seed)`.
     """
-    tokenizer = _tiny_tokenizer(text_model)
+    tokenizer = tiny_tokenizer(text_model)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (_PAD, _BOS, _EOS)}
     common = {
         "vocab_size": len(tokenizer),
@@ -166,7 +172,7 @@ def build_tiny_blip2(
     return directory
 
 
-def _tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over caption words, built in-process (nothing downloaded).
 
     Like the real ones, OPT's prepends a BOS and T5's appends an EOS to every text.
@@ -233,11 +239,23 @@ class CaptionModel:
         self.device: torch.device = model.device
         # Not model.dtype: the Q-Former stays fp32 whatever was asked, by transformers' design.
         self.dtype = dtype
+        self.pixel_spec = PixelSpec.from_processor(processor.image_processor)
         self.image_size: int = model.config.vision_config.image_size
+        if self.pixel_spec.size != self.image_size:
+            raise ModelLoadError(
+                f"processor resizes to {self.pixel_spec.size}px but the vision tower of "
+                f"{name!r} expects {self.image_size}px"
+            )
         self.is_placeholder = name == TINY_MODEL
-        self._batch_size = settings.batch_size
-        self._max_new_tokens = settings.max_new_tokens
-        self._num_beams = settings.num_beams
+        self.batch_size = settings.batch_size
+        self._normalize = Normalizer(self.pixel_spec, self.device, dtype)
+        self._generate_options: dict[str, object] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "num_beams": settings.num_beams,
+            "do_sample": False,
+        }
+        if settings.static_cache:
+            self._generate_options["cache_implementation"] = "static"
 
     @classmethod
     def load(cls, settings: Settings) -> CaptionModel:
@@ -267,11 +285,21 @@ class CaptionModel:
     ) -> CaptionModel:
         """The one loading path for every kind of model; attention defaults to SDPA where
         the architecture supports it (transformers picks it, falling back to eager)."""
+        quantization = quantization_config(settings.quantization, device)
         try:
             processor = Blip2Processor.from_pretrained(source, local_files_only=local_only)
-            model = Blip2ForConditionalGeneration.from_pretrained(
-                source, dtype=dtype, local_files_only=local_only
-            ).to(device)
+            if quantization is None:
+                model = Blip2ForConditionalGeneration.from_pretrained(
+                    source, dtype=dtype, local_files_only=local_only
+                ).to(device)
+            else:  # bitsandbytes places the quantized weights itself
+                model = Blip2ForConditionalGeneration.from_pretrained(
+                    source,
+                    dtype=dtype,
+                    local_files_only=local_only,
+                    quantization_config=quantization,
+                    device_map={"": device.index or 0},
+                )
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load BLIP-2 model {settings.model!r} on {device}: {exc}"
@@ -282,48 +310,149 @@ class CaptionModel:
         processor.tokenizer.padding_side = (
             "left" if model.config.use_decoder_only_language_model else "right"
         )
-        return cls(
+        runtime = cls(
             name=settings.model, model=model, processor=processor, dtype=dtype, settings=settings
         )
+        runtime.warm_up(settings)
+        return runtime
 
-    def preprocess(self, images: list[Image.Image], prompt: str) -> BatchFeature:
-        """Pixels + prompt ids for one batch. Never truncates: the processor prepends
-        `num_query_tokens` `<image>` tokens that the model replaces with the image."""
-        return self.processor(
-            images=images, text=[prompt] * len(images), padding=True, return_tensors="pt"
+    def to_pixels(self, image: Image.Image) -> ModelPixels:
+        """One decoded RGB image -> uint8 pixels at the model's resolution (thread-safe)."""
+        return to_model_pixels(image, self.pixel_spec)
+
+    def preprocess(self, pixels: Sequence[ModelPixels], prompt: str) -> dict[str, torch.Tensor]:
+        """Model inputs for one micro-batch, already on the device.
+
+        Every image of a job shares its prompt, so the prompt is tokenized once (cached) and
+        the batch needs no padding. Never truncated: the processor prepends
+        `num_query_tokens` `<image>` tokens that the model replaces with the image.
+        """
+        input_ids, attention_mask = self._prompt_ids(prompt)
+        count = len(pixels)
+        return {
+            "pixel_values": self._normalize(pixels),
+            "input_ids": input_ids.repeat(count, 1),
+            "attention_mask": attention_mask.repeat(count, 1),
+        }
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one runtime per process, lives as long
+    def _prompt_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        blank = Image.new("RGB", (self.image_size, self.image_size))
+        encoded = self.processor(images=[blank], text=[prompt], return_tensors="pt")
+        return (
+            encoded["input_ids"].to(self.device),
+            encoded["attention_mask"].to(self.device),
         )
 
     @torch.inference_mode()
-    def predict(self, inputs: BatchFeature) -> torch.Tensor:
+    def predict(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Greedy (or beam) generate() on the model's device; returns token ids."""
         tensors = {name: tensor.to(self.device) for name, tensor in inputs.items()}
         tensors["pixel_values"] = tensors["pixel_values"].to(self.dtype)
-        return self.model.generate(
-            **tensors,
-            max_new_tokens=self._max_new_tokens,
-            num_beams=self._num_beams,
-            do_sample=False,
-        )
+        return self.model.generate(**tensors, **self._generate_options)
 
-    def postprocess(self, output_ids: torch.Tensor, inputs: BatchFeature) -> list[str]:
+    def postprocess(
+        self, output_ids: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+    ) -> list[str]:
         """Token ids -> captions. A decoder-only model's output starts with the prompt
         (image tokens and text), which is cut off; an encoder-decoder's does not."""
         if self.model.config.use_decoder_only_language_model:
             output_ids = output_ids[:, inputs["input_ids"].shape[1] :]
-        texts = self.processor.batch_decode(output_ids, skip_special_tokens=True)
+        texts = self.processor.batch_decode(output_ids.cpu(), skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def warm_up(self, prompt: str) -> None:
-        """One generate() on a blank image, so kernels and caches are ready before traffic."""
-        self.caption([Image.new("RGB", (self.image_size, self.image_size))], prompt)
+    def generate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
+        """Captions for one micro-batch. On CUDA out-of-memory (a longer prompt than the
+        start-up probe saw) the batch is split in two and the smaller size kept from then on."""
+        try:
+            inputs = self.preprocess(pixels, prompt)
+            return self.postprocess(self.predict(inputs), inputs)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = (len(pixels) + 1) // 2
+            self.batch_size = min(self.batch_size, half)
+            log.warning("CUDA out of memory at batch %d; micro-batches now %d", len(pixels), half)
+            return self.generate(pixels[:half], prompt) + self.generate(pixels[half:], prompt)
+
+    def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
+        """Captions for `pixels`, in order, in micro-batches of `batch_size`."""
+        captions: list[str] = []
+        start = 0
+        while start < len(pixels):
+            size = self.batch_size
+            captions.extend(self.generate(pixels[start : start + size], prompt))
+            start += size
+        return captions
 
     def caption(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
-        """Captions for `images`, in order, in micro-batches of settings.batch_size."""
-        captions: list[str] = []
-        for batch in _chunks(images, self._batch_size):
-            inputs = self.preprocess(batch, prompt)
-            captions.extend(self.postprocess(self.predict(inputs), inputs))
-        return captions
+        """Captions for decoded images, in order (the worker feeds `caption_pixels` from its
+        decode threads instead)."""
+        return self.caption_pixels([self.to_pixels(image) for image in images], prompt)
+
+    def warm_up(self, settings: Settings) -> None:
+        """Before the first job: on CUDA, measure the largest micro-batch that fits (when
+        `auto_batch_size`), then run one generate() so kernels, allocator (and compiled graphs
+        with `static_cache`) are ready. Quantized models must not caption empty: 8/4-bit
+        loading has returned empty captions in some bitsandbytes/transformers releases."""
+        if self.device.type == "cuda" and settings.auto_batch_size:
+            self.batch_size = self._largest_batch(settings.max_batch_size, settings.prompt)
+            log.info("micro-batch size measured on %s: %d", self.device, self.batch_size)
+        captions = self.generate(self._blank_pixels(min(self.batch_size, 2)), settings.prompt)
+        if settings.quantization != "none" and not any(captions):
+            raise ModelLoadError(
+                f"CAPTIONER_QUANTIZATION={settings.quantization} produced only empty captions "
+                "on a test image (a known bitsandbytes/transformers failure); unset it to run "
+                "in fp16/bf16"
+            )
+
+    def _blank_pixels(self, count: int) -> list[ModelPixels]:
+        gray = np.full((self.image_size, self.image_size, 3), 128, dtype=np.uint8)
+        return [gray] * count
+
+    @torch.inference_mode()
+    def _largest_batch(self, limit: int, prompt: str) -> int:
+        """Double the batch from 1 while a full-length generate() fits and the peak stays
+        under MEMORY_HEADROOM of the GPU (room for longer prompts than the default one)."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        best, size = 1, 1
+        while True:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            inputs = self.preprocess(self._blank_pixels(size), prompt)
+            longest = self._generate_options["max_new_tokens"]
+            try:
+                self.model.generate(**inputs, **self._generate_options, min_new_tokens=longest)
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                del inputs
+            best = size
+            if size >= limit or torch.cuda.max_memory_allocated(self.device) > (
+                MEMORY_HEADROOM * total
+            ):
+                break
+            size = min(size * 2, limit)
+        torch.cuda.empty_cache()
+        return best
+
+
+def quantization_config(mode: Quantization, device: torch.device) -> BitsAndBytesConfig | None:
+    """bitsandbytes 8/4-bit loading: CUDA only, and only where bitsandbytes is installed."""
+    if mode == "none":
+        return None
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"CAPTIONER_QUANTIZATION={mode} needs a CUDA device (bitsandbytes); this worker "
+            f"runs on {device}"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"CAPTIONER_QUANTIZATION={mode} needs bitsandbytes: pip install bitsandbytes"
+        )
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
 
 
 def _device(requested: str | None) -> torch.device:
@@ -375,8 +504,3 @@ def _offline() -> bool:
     """huggingface_hub reads HF_HUB_OFFLINE once at import; honour it when set later too."""
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return is_offline_mode() or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _chunks(items: Sequence[Image.Image], size: int) -> Iterator[list[Image.Image]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])

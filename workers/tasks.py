@@ -1,16 +1,17 @@
 """`captioning.caption_batch`: one CaptionJob, top to bottom.
 
-check URIs -> fetch (parallel, size-capped) -> decode (parallel) -> generate (micro-batches)
--> rows. Every item ends as exactly one row: an image's own problem becomes a `failed` row,
-while infrastructure failures raise TransientError so the whole job is retried; rows are
-written before the task returns, and Celery acks only then (acks_late).
+check URIs -> fetch + decode (threads, a window ahead of the model) -> generate (micro-batches,
+in order, one job on the model at a time) -> rows. Every item ends as exactly one row: an
+image's own problem becomes a `failed` row, while infrastructure failures raise TransientError
+so the whole job is retried; rows are written before the task returns, and Celery acks only
+then (acks_late). The worker holds `jobs_in_flight` jobs (threads sharing one model), so one
+job's fetch, decode and write overlap another's generation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from celery import Task
@@ -18,36 +19,18 @@ from celery import Task
 from captioning import metrics
 from captioning.deadletters import DeadLetters
 from captioning.errors import ImageError, InvalidJob, TransientError
-from captioning.messages import TASK_NAME, CaptionJob, JobItem
+from captioning.messages import TASK_NAME, CaptionJob
 from captioning.results import CaptionRow, Status, utcnow
 from captioning.settings import get_settings
-from captioning.storage import StoredObject
-from captioning.uris import ImageLocation, allowed_location
+from captioning.uris import allowed_location
 from workers.app import app
 from workers.context import WorkerContext, get_context
-from workers.fetch import fetch_all
-from workers.images import DecodedImage, decode_image
+from workers.pipeline import ItemState, caption_stream
 from workers.retry import backoff_seconds
 
 log = logging.getLogger(__name__)
 
 MAX_JOB_RETRIES = 8
-
-
-@dataclass
-class ItemState:
-    """What we know about one item as it moves through the stages."""
-
-    item: JobItem
-    location: ImageLocation | None = None
-    stored: StoredObject | None = None
-    decoded: DecodedImage | None = None
-    caption: str | None = None
-    error: ImageError | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.error is None
 
 
 def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
@@ -66,76 +49,35 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
         for state in states:
             state.error = state.error or mismatch
 
-    with metrics.STAGE_SECONDS.labels("fetch").time():
-        _fetch(states, ctx)
-    with metrics.STAGE_SECONDS.labels("decode").time():
-        _decode(states, ctx)
-    with metrics.STAGE_SECONDS.labels("generate").time():
-        _generate(states, job.prompt, ctx)
+    caption_stream(
+        [s for s in states if s.alive],
+        job.prompt,
+        ctx.model,
+        ctx.stages,
+        ctx.model_turn,
+        lookahead=max(2 * ctx.model.batch_size, settings.fetch_concurrency),
+    )
     finished = utcnow()
     return [_row(state, job, ctx.name, finished) for state in states]
 
 
-def _fetch(states: Sequence[ItemState], ctx: WorkerContext) -> None:
-    todo = [s for s in states if s.alive and s.location is not None]
-    fetched = fetch_all(
-        ctx.stores,
-        [(s.location, s.item.version_id) for s in todo if s.location is not None],
-        max_bytes=ctx.settings.max_image_bytes,
-        executor=ctx.io_pool,
-    )
-    for state, outcome in zip(todo, fetched, strict=True):
-        if isinstance(outcome, ImageError):
-            state.error = outcome
-        else:
-            state.stored = outcome
-
-
-def _decode(states: Sequence[ItemState], ctx: WorkerContext) -> None:
-    todo = [s for s in states if s.alive and s.stored is not None]
-    futures = [
-        ctx.decode_pool.submit(
-            decode_image,
-            s.stored.data,
-            max_pixels=ctx.settings.max_image_pixels,
-            target_size=ctx.model.image_size,
-        )
-        for s in todo
-        if s.stored is not None
-    ]
-    for state, future in zip(todo, futures, strict=True):
-        try:
-            state.decoded = future.result()
-        except ImageError as exc:
-            state.error = exc
-
-
-def _generate(states: Sequence[ItemState], prompt: str, ctx: WorkerContext) -> None:
-    todo = [s for s in states if s.alive and s.decoded is not None]
-    if not todo:
-        return
-    captions = ctx.model.caption([s.decoded.image for s in todo if s.decoded is not None], prompt)
-    for state, caption in zip(todo, captions, strict=True):
-        state.caption = caption
-
-
 def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> CaptionRow:
-    stored, decoded, location = state.stored, state.decoded, state.location
+    location = state.location
     status: Status = "ok" if state.alive and state.caption is not None else "failed"
     return CaptionRow(
         uri=state.item.uri,
         bucket=location.bucket if location else "",
         key=location.key if location else "",
-        etag=stored.etag if stored else (state.item.etag or ""),
-        version_id=(stored.version_id if stored else None) or state.item.version_id,
+        etag=state.etag if state.etag is not None else (state.item.etag or ""),
+        version_id=state.version_id or state.item.version_id,
         model=job.model,
         prompt=job.prompt,
         status=status,
         caption=state.caption if status == "ok" else None,
         error=None if status == "ok" else describe(state.error),
-        width=decoded.width if decoded else None,
-        height=decoded.height if decoded else None,
-        bytes=len(stored.data) if stored else None,
+        width=state.width,
+        height=state.height,
+        bytes=state.nbytes,
         enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
         finished_at=finished,
         worker=worker,
