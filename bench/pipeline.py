@@ -109,6 +109,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "CAPTIONER_BATCH_SIZE": str(settings.batch_size),
         "CAPTIONER_MAX_NEW_TOKENS": str(settings.max_new_tokens),
         "CAPTIONER_JOBS_IN_FLIGHT": str(settings.jobs_in_flight),
+        "CAPTIONER_POOL": settings.pool,
         "HF_HUB_OFFLINE": "1",
     }
     return {**os.environ, **env}
@@ -133,7 +134,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--job-size", type=int, default=32, help="images per job (CLI default)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--jobs-in-flight", type=int, default=Settings().jobs_in_flight)
+    parser.add_argument("--pool", choices=("prefork", "threads"), default=Settings().pool)
+    parser.add_argument("--jobs-in-flight", type=int, default=Settings().jobs_in_flight,
+                        help="threads pool only")
     parser.add_argument("--no-sidecars", action="store_true", help="database rows only")
     parser.add_argument("--redis-db", type=int, default=13)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -168,6 +171,7 @@ def main() -> None:
                 results_uri=None if args.no_sidecars else f"s3://{RESULTS_BUCKET}/captions",
                 model=TINY_MODEL,
                 max_new_tokens=20,
+                pool=args.pool,
                 jobs_in_flight=args.jobs_in_flight,
             )
             results = ResultsStore(settings.database_url)
@@ -208,7 +212,9 @@ def report(
     print(f"tiny BLIP-2 on CPU ({os.cpu_count()} cores, torch {torch.__version__}), "
           f"{args.images} images ({samples} sample photos, 0.1-0.8 MB) in jobs of "
           f"{args.job_size}, micro-batch {settings.batch_size}, {settings.max_new_tokens} "
-          f"new tokens, {settings.jobs_in_flight} jobs in flight, sidecars "
+          f"new tokens, {settings.pool} pool"
+          f"{f' ({settings.jobs_in_flight} jobs in flight)' if settings.pool == 'threads' else ''}"
+          ", sidecars "
           f"{'on' if settings.results_uri else 'off'}")
     print(f"{'round':<6} {'bare img/s':>11} {'model img/s':>12} {'system img/s':>13} "
           f"{'system/bare':>12} {'system/model':>13}")

@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
 )
+from transformers.utils import logging as hf_logging
 
 from captioning.errors import ModelLoadError
 from captioning.settings import Quantization, Settings
@@ -263,6 +264,7 @@ class CaptionModel:
 
         Raises ModelLoadError with what to do about it; the worker cannot start without it.
         """
+        hf_logging.disable_progress_bar()  # per-shard bars are noise in a worker's log
         device = _device(settings.device)
         dtype = _DTYPES[settings.dtype] if settings.dtype else _default_dtype(device)
         if settings.model == TINY_MODEL:
