@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
+from captioning.broker import redis_client
 from captioning.messages import DEAD_QUEUE
 
 
@@ -26,7 +25,7 @@ class DeadLetter:
 
 class DeadLetters:
     def __init__(self, broker_url: str) -> None:
-        self._redis = redis.Redis.from_url(broker_url)
+        self._redis = redis_client(broker_url)
 
     def push(self, payload: object, *, reason: str, queue: str) -> None:
         record = {"payload": payload, "reason": reason, "queue": queue, "failed_at": time.time()}

@@ -25,13 +25,14 @@ from captioning.storage import StoredObject
 from captioning.uris import ImageLocation, allowed_location
 from workers.app import app
 from workers.context import WorkerContext, get_context
+from workers.delivery import GuardedTask
 from workers.fetch import fetch_all
 from workers.images import DecodedImage, decode_image
 from workers.retry import backoff_seconds
 
 log = logging.getLogger(__name__)
 
-MAX_JOB_RETRIES = 8
+MAX_JOB_RETRIES = get_settings().max_job_retries
 
 
 @dataclass
@@ -153,7 +154,7 @@ def _queue_of(task: Task) -> str:
     return str(delivery.get("routing_key") or "unknown")
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=MAX_JOB_RETRIES)
+@app.task(name=TASK_NAME, bind=True, base=GuardedTask, max_retries=MAX_JOB_RETRIES)
 def caption_batch(self: Task, payload: object) -> dict[str, int]:
     queue = _queue_of(self)
     settings = get_settings()
@@ -176,7 +177,9 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
             log.error("job sent to dead letters after %d retries: %s", self.request.retries, exc)
             return {"ok": 0, "failed": 0}
         metrics.JOBS.labels("retried", queue).inc()
-        countdown = backoff_seconds(self.request.retries, base=2.0, cap=120.0)
+        countdown = backoff_seconds(
+            self.request.retries, base=2.0, cap=settings.retry_backoff_max_s
+        )
         log.warning("job failed (%s), retrying in %.1fs", describe(exc), countdown,
                     exc_info=not isinstance(exc, TransientError))
         raise self.retry(exc=exc, countdown=countdown) from exc
