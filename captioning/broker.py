@@ -64,7 +64,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "broker_use_ssl": broker_ssl_options(settings.broker_url),
+        "broker_transport": broker_transport(settings.broker_url),
     }
+
+
+def broker_transport(broker_url: str) -> str | None:
+    """Our hardened Redis transport for redis:// and rediss:// (see captioning/transport.py)."""
+    if urlsplit(broker_url).scheme in ("redis", "rediss"):
+        return "captioning.transport:Transport"
+    return None
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:

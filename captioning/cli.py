@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dead = commands.add_parser("dead", help="inspect or replay dead-lettered jobs")
     dead.add_argument("action", choices=("list", "requeue", "purge"))
+    dead.add_argument("--limit", type=positive, default=100, help="letters to list, oldest first")
     dead.set_defaults(run=cmd_dead)
 
     database = commands.add_parser("db", help="database schema")
@@ -267,27 +268,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dead(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
-    from captioning.deadletters import DeadLetters
+    from captioning.deadletters import DeadLetter, DeadLetters
+    from captioning.errors import InvalidJob
     from captioning.messages import CaptionJob
     from producer.enqueue import JobSender
 
     settings = get_settings()
     letters = DeadLetters(settings.broker_url)
     if args.action == "list":
-        for letter in letters.list():
+        for letter in letters.list(args.limit):
             print(json.dumps(letter.__dict__, default=str))
         return 0
     if args.action == "purge":
         print(f"purged {letters.purge()} dead-lettered jobs")
         return 0
     app = create_app(settings)
-    count = 0
-    while (letter := letters.pop_oldest()) is not None:
-        job = CaptionJob.from_message(letter.payload)
-        with JobSender(app, letter.queue if letter.queue in WORK_QUEUES else BULK_QUEUE) as sender:
+
+    def send(letter: DeadLetter) -> bool:
+        try:
+            job = CaptionJob.from_message(letter.payload)
+        except InvalidJob:
+            return False
+        queue = letter.queue if letter.queue in WORK_QUEUES else BULK_QUEUE
+        with JobSender(app, queue) as sender:
             sender.send(job)
-        count += 1
-    print(f"requeued {count} jobs")
+        return True
+
+    sent, kept = letters.requeue(send)
+    print(f"requeued {sent} jobs")
+    if kept:
+        print(f"kept {kept} that are not valid CaptionJobs: inspect them with "
+              "`captioner dead list`, drop them with `captioner dead purge`")
     return 0
 
 
