@@ -126,19 +126,20 @@ def upload(s3: SeaweedS3, images: list[bytes]) -> None:
             Bucket=BUCKET, Key=f"{PREFIX}{item[0]:06d}.jpg", Body=item[1]), enumerate(images)))
 
 
-def counts(results: ResultsStore) -> tuple[int, int, int, int]:
-    """(rows, distinct uris, ok, failed) under the soak prefix."""
+def counts(results: ResultsStore) -> tuple[int, int, int, int, int]:
+    """(rows, distinct uris, ok, failed, written more than once) under the soak prefix."""
     under = captions.c.uri.startswith(f"s3://{BUCKET}/{PREFIX}")
     query = select(
         func.count(), func.count(captions.c.uri.distinct()),
         func.count().filter(captions.c.status == "ok"),
         func.count().filter(captions.c.status == "failed"),
+        func.count().filter(captions.c.attempts > 1),
     ).where(under)
     while True:
         try:
             with results.engine.connect() as conn:
-                rows, distinct, ok, failed = conn.execute(query).one()
-                return int(rows), int(distinct), int(ok), int(failed)
+                rows, distinct, ok, failed, again = conn.execute(query).one()
+                return int(rows), int(distinct), int(ok), int(failed), int(again)
         except Exception:  # the database may be the fault being injected right now
             time.sleep(1)
 
@@ -161,7 +162,7 @@ def run(soak: Soak, results: ResultsStore, total: int) -> None:
     idle_since: float | None = None
     deadline = time.monotonic() + args.timeout
     while True:
-        _, distinct, _, _ = counts(results)
+        _, distinct, *_ = counts(results)
         if distinct >= total:
             return
         if time.monotonic() > deadline:
@@ -244,7 +245,7 @@ def main() -> int:
         drained = time.monotonic() - soak.started
         wait_until(lambda: queues_idle(soak), 120, "the queues to empty")
         time.sleep(3)  # let redelivered duplicates land, so they are counted
-        rows, distinct, ok, failed = counts(results)
+        rows, distinct, ok, failed, again = counts(results)
         print(f"\nfaults injected: {len(soak.faults)}")
         for fault in soak.faults:
             print(f"  - {fault}")
@@ -253,6 +254,7 @@ def main() -> int:
             f"missing {args.images - distinct}  duplicated {rows - distinct}  "
             f"drained in {drained:.0f} s ({args.images / drained:.1f} images/s)"
         )
+        print(f"rows written more than once (captioned again after a fault): {again}")
         return 0 if distinct == args.images and rows == distinct else 1
     finally:
         for worker in soak.workers:

@@ -59,11 +59,15 @@ class DeliveryLedger:
         return int(count)
 
     def finish(self, task_id: str, *, done: bool) -> None:
+        """Clear the count (and mark the job done). Fails open: the work is already safe."""
         pipe = self._redis.pipeline()
         if done:
             pipe.set(DONE_KEY.format(task_id), 1, ex=self._done_ttl)
         pipe.delete(COUNT_KEY.format(task_id))
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cannot record the end of job %s (%s)", task_id, exc)
 
     def is_done(self, task_id: str) -> bool:
         return bool(self._redis.exists(DONE_KEY.format(task_id)))
@@ -129,10 +133,30 @@ class GuardedTask(Task):
         except redis.RedisError as exc:
             log.warning("cannot count deliveries (%s); running the job anyway", exc)
             return self.run(*args, **kwargs)
+        try:
+            result = self._guarded_run(args, kwargs, task_id=task_id, deliveries=deliveries,
+                                       queue=queue, settings=settings)
+        except Retry:
+            ledger.finish(task_id, done=False)
+            raise
+        except Exception as exc:
+            # The body handles every failure it knows (retry, dead letter); what escapes is
+            # the broker or database failing under it, or under a split or a dead letter.
+            # Requeue and keep the count, so even this is bounded.
+            log.error("job %s could not be finished (%s); returning it to the queue", task_id,
+                      exc)
+            raise Reject(str(exc), requeue=True) from exc
+        ledger.finish(task_id, done=True)
+        return result
+
+    def _guarded_run(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, task_id: str,
+        deliveries: int, queue: str, settings: Settings,
+    ) -> Any:
+        """The body, unless the message is malformed, redelivered too often or too big."""
         if len(args) != 1 or kwargs:
             reason = "a caption_batch message takes exactly one argument, the CaptionJob"
             self._dead_letter({"args": args, "kwargs": kwargs}, reason, queue, settings)
-            ledger.finish(task_id, done=True)
             return {"ok": 0, "failed": 0}
         job = _job_or_none(args[0])
         if deliveries > settings.max_deliveries:
@@ -141,27 +165,13 @@ class GuardedTask(Task):
                 self._dead_letter(args[0], reason, queue, settings)
             else:
                 self._stop_redelivering(job, task_id, deliveries, queue, settings)
-            ledger.finish(task_id, done=True)
             return {"ok": 0, "failed": 0}
         if job is not None and len(job.items) > settings.max_job_items:
             self._split(job, task_id, settings.max_job_items, queue)
             log.info("job %s has %d items: split into jobs of %d", task_id, len(job.items),
                      settings.max_job_items)
-            ledger.finish(task_id, done=True)
             return {"ok": 0, "failed": 0}
-        try:
-            result = self.run(*args, **kwargs)
-        except Retry:
-            ledger.finish(task_id, done=False)
-            raise
-        except Exception as exc:
-            # The body handles every failure it knows (retry, dead letter); what escapes is
-            # the broker failing under it. Requeue and keep the count, so this is bounded too.
-            log.error("job %s could not be finished (%s); returning it to the queue", task_id,
-                      exc)
-            raise Reject(str(exc), requeue=True) from exc
-        ledger.finish(task_id, done=True)
-        return result
+        return self.run(*args, **kwargs)
 
     def _stop_redelivering(
         self, job: CaptionJob, task_id: str, deliveries: int, queue: str, settings: Settings
