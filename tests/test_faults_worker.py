@@ -34,14 +34,15 @@ from workers.delivery import COUNT_KEY
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-workers")).start()
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh Redis per test: what one test leaves unacked must not count in the next."""
+    server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fault_settings(settings: Settings, broker: RedisServer) -> Settings:
     return settings.model_copy(update={
         "broker_url": broker.url, "job_time_limit_s": 10, "retry_backoff_max_s": 2,
@@ -49,7 +50,7 @@ def fault_settings(settings: Settings, broker: RedisServer) -> Settings:
     })
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def env(fault_settings: Settings) -> dict[str, str]:
     s = fault_settings
     return worker_env(settings_env(s), job_time_limit_s=s.job_time_limit_s,
