@@ -229,11 +229,11 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="captioner-soak-"))
     soak = Soak(args, workdir, RedisServer(workdir / "redis"), SeaweedS3(workdir / "s3"),
                 PrivatePostgres())
-    soak.redis.start()
-    soak.s3.start()
-    soak.db.init().start()
     results = ResultsStore(soak.db.url)
     try:
+        soak.redis.start()
+        soak.s3.start()
+        soak.db.init().start()
         results.create_schema()
         soak.log(f"uploading {args.images} images")
         upload(soak.s3, make_images(args.images))
