@@ -5,12 +5,26 @@ Producers only send with it; workers add the task and process hooks (workers/app
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from captioning.messages import BULK_QUEUE, TASK_NAME
 from captioning.settings import Settings
+
+#: Publishing retries for ~1 minute (0.2 s, then +0.5 s per try up to 3 s), so a producer or
+#: a retrying worker rides out a Redis restart instead of failing after Celery's 0.6 s default.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 25,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 3.0,
+}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -19,6 +33,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "queue_order_strategy": "priority",
         # Longer than the longest job plus its longest retry countdown (celery#5935).
         "visibility_timeout": settings.visibility_timeout_s,
+        # Sweep for messages of vanished workers often enough that recovery takes about one
+        # visibility timeout, not kombu's default of up to 100 s more.
+        "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+        "unacked_restore_throttle": 1,
+        # Notice a broker that vanished without closing the socket (failover, NAT timeout).
+        "socket_keepalive": True,
     }
     return {
         "task_serializer": "json",
@@ -26,23 +46,68 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "task_ignore_result": True,
         "task_acks_late": True,
+        # A job whose pool process dies (kill -9, OOM killer) or runs past the hard time limit
+        # goes back to the queue, never acked as done; workers/delivery.py bounds the loop.
         "task_reject_on_worker_lost": True,
+        "task_acks_on_timeout": False,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": transport,
         "visibility_timeout": settings.visibility_timeout_s,
-        "task_time_limit": settings.job_time_limit_s,
+        "task_time_limit": settings.job_deadline_s,
         "task_default_queue": BULK_QUEUE,
         "task_routes": {TASK_NAME: {"queue": BULK_QUEUE}},
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        "broker_use_ssl": broker_ssl_options(settings.broker_url),
+        "broker_transport": broker_transport(settings.broker_url),
     }
+
+
+def broker_transport(broker_url: str) -> str | None:
+    """Our hardened Redis transport for redis:// and rediss:// (see captioning/transport.py)."""
+    if urlsplit(broker_url).scheme in ("redis", "rediss"):
+        return "captioning.transport:Transport"
+    return None
+
+
+def restore_interval_s(visibility_timeout_s: int) -> int:
+    return max(1, min(10, visibility_timeout_s // 5))
+
+
+def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
+    """TLS for `rediss://` URLs, verifying the server's certificate unless told otherwise.
+
+    kombu falls back to CERT_NONE (no verification) for a bare `rediss://` URL; redis-py,
+    which the dead letters and queue stats use, verifies. Both read `ssl_cert_reqs`,
+    `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` from the URL's query, so those stay the
+    one place to configure TLS; this only makes verification the default for Celery too.
+    """
+    parts = urlsplit(broker_url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def create_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
     app = Celery("captioner", broker=settings.broker_url, include=list(include))
     app.conf.update(celery_config(settings))
     return app
+
+
+def redis_client(broker_url: str) -> redis.Redis:
+    """A plain Redis client on the broker (dead letters, delivery counts) that rides out a
+    short Redis restart: a few retries with backoff, and timeouts instead of hanging."""
+    return redis.Redis.from_url(
+        broker_url,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), 5),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )

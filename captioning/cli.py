@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dead = commands.add_parser("dead", help="inspect or replay dead-lettered jobs")
     dead.add_argument("action", choices=("list", "requeue", "purge"))
+    dead.add_argument("--limit", type=positive, default=100, help="letters to list, oldest first")
     dead.set_defaults(run=cmd_dead)
 
     database = commands.add_parser("db", help="database schema")
@@ -222,9 +223,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    import redis
-
-    from captioning.broker import create_app
+    from captioning.broker import create_app, redis_client
     from captioning.checkpoints import Checkpoint, Checkpoints
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
@@ -239,7 +238,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
     check_allowed(source, settings)
     name = args.name or args.prefix
-    broker = redis.Redis.from_url(settings.broker_url)
+    broker = redis_client(settings.broker_url)
     checkpoints = Checkpoints(broker)
     checkpoint = Checkpoint(name=name, source=args.prefix)
     if args.resume:
@@ -328,16 +327,14 @@ def cmd_listen_webhook(args: argparse.Namespace) -> int:
 @contextmanager
 def event_batcher(args: argparse.Namespace) -> Iterator[LingerBatcher]:
     """Sender, deduper and batcher for a listener; flushes what is waiting on the way out."""
-    import redis
-
-    from captioning.broker import create_app
+    from captioning.broker import create_app, redis_client
     from producer.batcher import LingerBatcher
     from producer.dedupe import Deduper
     from producer.enqueue import JobSender
     from producer.listeners import EventEnqueuer
 
     settings = get_settings()
-    deduper = Deduper(redis.Redis.from_url(settings.broker_url), ttl_s=args.dedupe_ttl)
+    deduper = Deduper(redis_client(settings.broker_url), ttl_s=args.dedupe_ttl)
     with JobSender(create_app(settings), args.queue) as sender:
         enqueuer = EventEnqueuer(sender, deduper, settings, args.batch_size)
         batcher = LingerBatcher(
@@ -475,27 +472,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dead(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
-    from captioning.deadletters import DeadLetters
+    from captioning.deadletters import DeadLetter, DeadLetters
+    from captioning.errors import InvalidJob
     from captioning.messages import CaptionJob
     from producer.enqueue import JobSender
 
     settings = get_settings()
     letters = DeadLetters(settings.broker_url)
     if args.action == "list":
-        for letter in letters.list():
+        for letter in letters.list(args.limit):
             print(json.dumps(letter.__dict__, default=str))
         return 0
     if args.action == "purge":
         print(f"purged {letters.purge()} dead-lettered jobs")
         return 0
     app = create_app(settings)
-    count = 0
-    while (letter := letters.pop_oldest()) is not None:
-        job = CaptionJob.from_message(letter.payload)
-        with JobSender(app, letter.queue if letter.queue in WORK_QUEUES else BULK_QUEUE) as sender:
+
+    def send(letter: DeadLetter) -> bool:
+        try:
+            job = CaptionJob.from_message(letter.payload)
+        except InvalidJob:
+            return False
+        queue = letter.queue if letter.queue in WORK_QUEUES else BULK_QUEUE
+        with JobSender(app, queue) as sender:
             sender.send(job)
-        count += 1
-    print(f"requeued {count} jobs")
+        return True
+
+    sent, kept = letters.requeue(send)
+    print(f"requeued {sent} jobs")
+    if kept:
+        print(f"kept {kept} that are not valid CaptionJobs: inspect them with "
+              "`captioner dead list`, drop them with `captioner dead purge`")
     return 0
 
 

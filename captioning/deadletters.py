@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
+from captioning.broker import redis_client
 from captioning.messages import DEAD_QUEUE
 
 
@@ -26,19 +26,31 @@ class DeadLetter:
 
 class DeadLetters:
     def __init__(self, broker_url: str) -> None:
-        self._redis = redis.Redis.from_url(broker_url)
+        self._redis = redis_client(broker_url)
 
     def push(self, payload: object, *, reason: str, queue: str) -> None:
         record = {"payload": payload, "reason": reason, "queue": queue, "failed_at": time.time()}
         self._redis.lpush(DEAD_QUEUE, json.dumps(record, default=str))
 
     def list(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest `limit` letters, oldest first."""
         raw = self._redis.lrange(DEAD_QUEUE, -limit, -1)
-        return [DeadLetter(**json.loads(item)) for item in reversed(raw)]
+        return [parse_letter(item) for item in reversed(raw)]
 
-    def pop_oldest(self) -> DeadLetter | None:
-        raw = self._redis.rpop(DEAD_QUEUE)
-        return DeadLetter(**json.loads(raw)) if raw else None
+    def requeue(self, send: Callable[[DeadLetter], bool]) -> tuple[int, int]:
+        """Offer every letter, oldest first, to `send`; a letter leaves the list only once
+        `send` says it was sent, so a crash or a refused letter never loses one.
+
+        Returns (sent, kept).
+        """
+        sent = kept = 0
+        for raw in reversed(self._redis.lrange(DEAD_QUEUE, 0, -1)):
+            if send(parse_letter(raw)):
+                self._redis.lrem(DEAD_QUEUE, -1, raw)
+                sent += 1
+            else:
+                kept += 1
+        return sent, kept
 
     def purge(self) -> int:
         count = int(self._redis.llen(DEAD_QUEUE))
@@ -47,3 +59,12 @@ class DeadLetters:
 
     def __len__(self) -> int:
         return int(self._redis.llen(DEAD_QUEUE))
+
+
+def parse_letter(raw: bytes | str) -> DeadLetter:
+    """A stored letter; anything unreadable (written by hand, say) is shown, not fatal."""
+    try:
+        return DeadLetter(**json.loads(raw))
+    except (ValueError, TypeError):
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        return DeadLetter(payload=text, reason="unreadable dead letter", queue="", failed_at=0)

@@ -11,7 +11,8 @@ CaptionerError
 │   ├── AccessDenied        the object exists but our credentials may not read it
 │   ├── ImageTooLarge       more bytes than CAPTIONER_MAX_IMAGE_BYTES
 │   ├── TooManyPixels       more pixels than CAPTIONER_MAX_IMAGE_PIXELS (decompression bomb)
-│   └── UndecodableImage    not an image, truncated or corrupt
+│   ├── UndecodableImage    not an image, truncated or corrupt
+│   └── WorkerLost          its worker died on every delivery (crash, OOM, time limit)
 └── TransientError          the infrastructure failed; the job is retried with backoff
     ├── StoreUnavailable    object store timeout, 5xx or connection error
     └── DatabaseUnavailable results database unreachable
@@ -64,6 +65,10 @@ class TooManyPixels(ImageError):
 
 class UndecodableImage(ImageError):
     pass
+
+
+class WorkerLost(ImageError):
+    """The image's job killed its worker on each of its deliveries; it is not run again."""
 
 
 class TransientError(CaptionerError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
+from captioning.broker import redis_client
 from captioning.messages import WORK_QUEUES
 
 SAMPLE_MESSAGES = 50
@@ -89,7 +90,7 @@ def inflight_stats(client: redis.Redis) -> InFlight:
 
 
 def queue_stats(broker_url: str, queues: tuple[str, ...] = WORK_QUEUES) -> dict[str, QueueStats]:
-    client = redis.Redis.from_url(broker_url)
+    client = redis_client(broker_url)
     try:
         return {queue: queue_stats_for(client, queue) for queue in queues}
     finally:

@@ -7,6 +7,7 @@ own chain (env, profile, IRSA) provides them.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+JOB_FIXED_COST_S = 60
 
 Quantization = Literal["none", "8bit", "4bit"]
 
@@ -60,7 +62,11 @@ class Settings(BaseSettings):
     pool: Literal["prefork", "threads"] = "prefork"
     jobs_in_flight: int = Field(default=2, ge=1, le=8)
     decode_threads: int | None = Field(default=None, ge=1, le=64)  # None: one per usable core
-    job_time_limit_s: int = Field(default=900, ge=10)
+    image_time_limit_s: float = Field(default=3.0, gt=0)
+    job_time_limit_s: int | None = Field(default=None, ge=5)
+    retry_backoff_max_s: int = Field(default=120, ge=1)
+    max_job_retries: int = Field(default=10, ge=0)
+    max_deliveries: int = Field(default=3, ge=1)
 
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     webhook_secret: SecretStr | None = None
@@ -79,9 +85,30 @@ class Settings(BaseSettings):
         return tuple(root.resolve() for root in roots)
 
     @property
+    def job_deadline_s(self) -> int:
+        """The hard time limit of one job: the biggest job allowed, at the slowest allowed
+        pace per image, plus fixed costs (model warm-up, fetch retries, the write).
+
+        Default: 256 items x 3 s + 60 s = 828 s. `CAPTIONER_JOB_TIME_LIMIT_S` overrides it.
+        """
+        if self.job_time_limit_s is not None:
+            return self.job_time_limit_s
+        return math.ceil(self.max_job_items * self.image_time_limit_s) + JOB_FIXED_COST_S
+
+    @property
     def visibility_timeout_s(self) -> int:
-        """Longer than the longest job plus its longest retry countdown (celery#5935)."""
-        return self.job_time_limit_s * 2 + 600
+        """How long Redis waits before handing an unacked job to another worker.
+
+        It must exceed the longest a worker may hold one message: a retry waits up to
+        `retry_backoff_max_s` (held unacked until its countdown ends), then runs for up to
+        `job_deadline_s`, behind the other jobs in flight under the threads pool (they take
+        turns on the model); a quarter more absorbs clock skew and slow acks (celery#5935).
+        Default (prefork): (828 + 120) x 1.25 = 1185 s. Shorter means faster recovery from a
+        vanished worker; shorter than a job means jobs run twice.
+        """
+        turns = self.jobs_in_flight if self.pool == "threads" else 1
+        held = self.job_deadline_s * turns + self.retry_backoff_max_s
+        return math.ceil(held * 1.25)
 
 
 @lru_cache(maxsize=1)

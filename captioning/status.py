@@ -10,9 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-import redis
-
-from captioning.broker import create_app
+from captioning.broker import create_app, redis_client
 from captioning.checkpoints import Checkpoint, Checkpoints
 from captioning.messages import WORK_QUEUES
 from captioning.queues import QueueStats, queue_stats_for
@@ -61,7 +59,7 @@ class StatusReport:
 
 
 def collect_status(settings: Settings, *, window_s: int) -> StatusReport:
-    client = redis.Redis.from_url(settings.broker_url)
+    client = redis_client(settings.broker_url)
     results = ResultsStore(settings.database_url)
     try:
         recent = results.finished_since(utcnow() - timedelta(seconds=window_s))

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Protocol
 
 import boto3
@@ -154,8 +155,12 @@ class FileStore:
         self, location: ImageLocation, *, max_bytes: int, version_id: str | None = None
     ) -> StoredObject:
         try:
-            with open(location.key, "rb") as handle:
+            # O_NONBLOCK: opening a FIFO must not hang the worker waiting for a writer.
+            fd = os.open(location.key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as handle:
                 stat = os.fstat(handle.fileno())
+                if not S_ISREG(stat.st_mode):
+                    raise ObjectMissing("not a regular file (device, FIFO or socket)")
                 if stat.st_size > max_bytes:
                     raise too_large(stat.st_size, max_bytes)
                 data = handle.read(max_bytes + 1)

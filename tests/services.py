@@ -6,6 +6,7 @@ never collide, and the fixed iceberg/lance ports are turned off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -77,7 +78,8 @@ class SeaweedS3:
         while True:
             try:
                 client = self.client()
-                client.create_bucket(Bucket=bucket)
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                    client.create_bucket(Bucket=bucket)  # already there after a restart
                 client.put_object(Bucket=bucket, Key="probe", Body=b"x")
                 client.delete_object(Bucket=bucket, Key="probe")
                 return

@@ -89,7 +89,7 @@ def test_settings_parse_comma_lists_from_the_environment(monkeypatch: pytest.Mon
     assert settings.allowed_buckets == ("photos", "uploads")
     assert settings.allowed_roots == (Path("/srv/a"), Path("/srv/b"))
     assert settings.batch_size == 24
-    assert settings.visibility_timeout_s > settings.job_time_limit_s
+    assert settings.visibility_timeout_s > settings.job_deadline_s
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ check URIs -> fetch + decode (threads, a window ahead of the model) -> generate 
 in order, one job on the model at a time) -> rows. Every item ends as exactly one row: an
 image's own problem becomes a `failed` row, while infrastructure failures raise TransientError
 so the whole job is retried; rows are written before the task returns, and Celery acks only
-then (acks_late). The worker holds `jobs_in_flight` jobs (threads sharing one model), so one
-job's fetch, decode and write overlap another's generation.
+then (acks_late). Delivery counting, poison isolation and the redelivery skip wrap this task
+(workers/delivery.py). Under the threads pool a worker holds `jobs_in_flight` jobs sharing
+one model, so one job's fetch, decode and write overlap another's generation.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from captioning.settings import get_settings
 from captioning.uris import allowed_location
 from workers.app import app
 from workers.context import WorkerContext, get_context
+from workers.delivery import GuardedTask
 from workers.pipeline import ItemState, caption_stream
 from workers.retry import backoff_seconds
 
 log = logging.getLogger(__name__)
 
-MAX_JOB_RETRIES = 8
+MAX_JOB_RETRIES = get_settings().max_job_retries
 
 
 def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
@@ -95,7 +97,7 @@ def _queue_of(task: Task) -> str:
     return str(delivery.get("routing_key") or "unknown")
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=MAX_JOB_RETRIES)
+@app.task(name=TASK_NAME, bind=True, base=GuardedTask, max_retries=MAX_JOB_RETRIES)
 def caption_batch(self: Task, payload: object) -> dict[str, int]:
     queue = _queue_of(self)
     settings = get_settings()
@@ -118,7 +120,9 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
             log.error("job sent to dead letters after %d retries: %s", self.request.retries, exc)
             return {"ok": 0, "failed": 0}
         metrics.JOBS.labels("retried", queue).inc()
-        countdown = backoff_seconds(self.request.retries, base=2.0, cap=120.0)
+        countdown = backoff_seconds(
+            self.request.retries, base=2.0, cap=settings.retry_backoff_max_s
+        )
         log.warning("job failed (%s), retrying in %.1fs", describe(exc), countdown,
                     exc_info=not isinstance(exc, TransientError))
         raise self.retry(exc=exc, countdown=countdown) from exc

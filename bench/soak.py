@@ -1,0 +1,269 @@
+"""Soak: caption N images with 2 workers while faults hit on a schedule; count what is lost.
+
+    python bench/soak.py                      # 5,000 images, tiny model, 2 workers
+    python bench/soak.py --images 1000 --redis-restart
+
+Everything runs on private services on 127.0.0.1 (redis-server, SeaweedFS, a PostgreSQL 15
+cluster), started and broken here. The faults, by progress through the run:
+
+    every --kill-every s   SIGKILL one worker's pool process (the OOM killer)
+    at 20%                 object store down for --outage s, then back on the same port
+    at 45%                 database stopped for 8 s, then started again
+    at 65%                 a whole worker SIGKILLed (spot VM gone), started again
+    at 80% (--redis-restart) Redis killed and started empty; the backfill is run again
+
+Drained means every image has a row; when the queues are empty and rows are still missing
+(the Redis restart lost queued jobs), the backfill is run again with skip-existing, as an
+operator would. The summary line counts enqueued / ok / failed / missing / duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from captioning.results import ResultsStore, captions  # noqa: E402
+from tests.faults import PrivatePostgres, RedisServer, Worker, wait_until  # noqa: E402
+from tests.services import SeaweedS3  # noqa: E402
+
+BUCKET = "photos"
+PREFIX = "soak/"
+
+
+@dataclass
+class Soak:
+    args: argparse.Namespace
+    workdir: Path
+    redis: RedisServer
+    s3: SeaweedS3
+    db: PrivatePostgres
+    workers: list[Worker] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    enqueued: int = 0
+    starts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "CAPTIONER_BROKER_URL": self.redis.url,
+            "CAPTIONER_DATABASE_URL": self.db.url,
+            "CAPTIONER_S3_ENDPOINT_URL": self.s3.endpoint,
+            "CAPTIONER_ALLOWED_BUCKETS": f"{BUCKET},uploads",
+            "CAPTIONER_RESULTS_URI": "s3://uploads/captions",
+            "CAPTIONER_MODEL": "tiny-random-blip2",
+            "CAPTIONER_BATCH_SIZE": "8",
+            "CAPTIONER_MAX_NEW_TOKENS": "8",
+            "CAPTIONER_JOB_TIME_LIMIT_S": "60",
+            "CAPTIONER_RETRY_BACKOFF_MAX_S": "8",
+        }
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f}s] {message}", flush=True)
+
+    def fault(self, message: str) -> None:
+        self.faults.append(message)
+        self.log(f"FAULT {message}")
+
+    def backfill(self) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "captioning.cli", "backfill", f"s3://{BUCKET}/{PREFIX}",
+             "--batch-size", str(self.args.job_size)],
+            env=self.env, capture_output=True, text=True, timeout=600, check=True,
+        )
+        line = done.stdout.strip().splitlines()[-1]
+        self.enqueued += int(line.split("enqueued ")[1].split(" images")[0])
+        self.log(line)
+
+    def start_worker(self, index: int) -> None:
+        self.starts += 1
+        worker = Worker(self.env, self.workdir / f"worker-{index}-{self.starts}.log")
+        if index < len(self.workers):
+            self.workers[index] = worker
+        else:
+            self.workers.append(worker)
+        worker.start()
+
+
+def make_images(count: int, seed: int = 7) -> list[bytes]:
+    """Small, distinct JPEGs: a few coloured blocks each, so every decode is real work."""
+    rng = random.Random(seed)
+    images = []
+    for _ in range(count):
+        image = Image.new("RGB", (96, 72), tuple(rng.randrange(256) for _ in range(3)))
+        for _ in range(4):
+            x, y = rng.randrange(80), rng.randrange(56)
+            image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 16, y + 16))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        images.append(out.getvalue())
+    return images
+
+
+def upload(s3: SeaweedS3, images: list[bytes]) -> None:
+    client = s3.client()
+    for bucket in (BUCKET, "uploads"):
+        client.create_bucket(Bucket=bucket)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda item: client.put_object(
+            Bucket=BUCKET, Key=f"{PREFIX}{item[0]:06d}.jpg", Body=item[1]), enumerate(images)))
+
+
+def counts(results: ResultsStore) -> tuple[int, int, int, int, int]:
+    """(rows, distinct uris, ok, failed, written more than once) under the soak prefix."""
+    under = captions.c.uri.startswith(f"s3://{BUCKET}/{PREFIX}")
+    query = select(
+        func.count(), func.count(captions.c.uri.distinct()),
+        func.count().filter(captions.c.status == "ok"),
+        func.count().filter(captions.c.status == "failed"),
+        func.count().filter(captions.c.attempts > 1),
+    ).where(under)
+    while True:
+        try:
+            with results.engine.connect() as conn:
+                rows, distinct, ok, failed, again = conn.execute(query).one()
+                return int(rows), int(distinct), int(ok), int(failed), int(again)
+        except Exception:  # the database may be the fault being injected right now
+            time.sleep(1)
+
+
+def queues_idle(soak: Soak) -> bool:
+    client = soak.redis.client()
+    try:
+        return sum(client.llen(q) for q in ("captions.realtime", "captions.bulk")) == 0 and \
+            client.hlen("unacked") == 0
+    except Exception:
+        return False
+
+
+def run(soak: Soak, results: ResultsStore, total: int) -> None:
+    args = soak.args
+    schedule = [(0.20, "s3"), (0.45, "db"), (0.65, "worker")]
+    if args.redis_restart:
+        schedule.append((0.80, "redis"))
+    next_kill = time.monotonic() + args.kill_every
+    idle_since: float | None = None
+    deadline = time.monotonic() + args.timeout
+    while True:
+        _, distinct, *_ = counts(results)
+        if distinct >= total:
+            return
+        if time.monotonic() > deadline:
+            soak.log("timed out")
+            return
+        progress = distinct / total
+        if schedule and progress >= schedule[0][0]:
+            inject(soak, schedule.pop(0)[1], args)
+            continue
+        if time.monotonic() >= next_kill:
+            victim = random.randrange(len(soak.workers))
+            if soak.workers[victim].kill_pool():
+                soak.fault(f"SIGKILL pool process of worker {victim} ({distinct}/{total} done)")
+            next_kill = time.monotonic() + args.kill_every
+        if queues_idle(soak):
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 15:
+                soak.log(f"queues empty with {total - distinct} images missing: backfill again")
+                soak.backfill()
+                idle_since = None
+        else:
+            idle_since = None
+        time.sleep(1)
+
+
+def inject(soak: Soak, fault: str, args: argparse.Namespace) -> None:
+    if fault == "s3":
+        soak.fault(f"object store down for {args.outage:.0f} s")
+        soak.s3.stop()
+        time.sleep(args.outage)
+        soak.s3.start()
+        soak.log("object store back")
+    elif fault == "db":
+        soak.fault("database stopped for 8 s")
+        soak.db.stop()
+        time.sleep(8)
+        soak.db.start()
+        soak.log("database back")
+    elif fault == "worker":
+        soak.fault("whole worker 1 SIGKILLed (spot VM gone), then started again")
+        soak.workers[1].kill_all()
+        soak.start_worker(1)
+    elif fault == "redis":
+        soak.fault("Redis killed and started empty")
+        soak.redis.kill()
+        time.sleep(2)
+        soak.redis.start()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--job-size", type=int, default=16, help="images per job")
+    parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills")
+    parser.add_argument("--outage", type=float, default=20.0, help="object store outage, s")
+    parser.add_argument("--redis-restart", action="store_true", help="also restart Redis")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args()
+    for name, value in (("AWS_ACCESS_KEY_ID", "soak"), ("AWS_SECRET_ACCESS_KEY", "soak"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+
+    workdir = Path(tempfile.mkdtemp(prefix="captioner-soak-"))
+    soak = Soak(args, workdir, RedisServer(workdir / "redis"), SeaweedS3(workdir / "s3"),
+                PrivatePostgres())
+    results = ResultsStore(soak.db.url)
+    try:
+        soak.redis.start()
+        soak.s3.start()
+        soak.db.init().start()
+        results.create_schema()
+        soak.log(f"uploading {args.images} images")
+        upload(soak.s3, make_images(args.images))
+        for index in range(args.workers):
+            soak.start_worker(index)
+        soak.started = time.monotonic()
+        soak.backfill()
+        run(soak, results, args.images)
+        drained = time.monotonic() - soak.started
+        wait_until(lambda: queues_idle(soak), 120, "the queues to empty")
+        time.sleep(3)  # let redelivered duplicates land, so they are counted
+        rows, distinct, ok, failed, again = counts(results)
+        print(f"\nfaults injected: {len(soak.faults)}")
+        for fault in soak.faults:
+            print(f"  - {fault}")
+        print(
+            f"images {args.images}  enqueued {soak.enqueued}  ok {ok}  failed {failed}  "
+            f"missing {args.images - distinct}  duplicated {rows - distinct}  "
+            f"drained in {drained:.0f} s ({args.images / drained:.1f} images/s)"
+        )
+        print(f"rows written more than once (captioned again after a fault): {again}")
+        return 0 if distinct == args.images and rows == distinct else 1
+    finally:
+        for worker in soak.workers:
+            worker.kill_all()
+        results.dispose()
+        soak.s3.stop()
+        soak.db.destroy()
+        soak.redis.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
