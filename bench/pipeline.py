@@ -118,12 +118,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "WARNING"],
+            [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO"],
             env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 180
-    while "ready" not in log_path.read_text(errors="replace"):
+    while " ready: model " not in log_path.read_text(errors="replace"):
         if worker.poll() is not None or time.monotonic() > deadline:
+            worker.kill()
             raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
     return worker
