@@ -9,6 +9,7 @@ CaptionerError
 │   ├── UriRefused          scheme, bucket or path not allowed; refused before any I/O
 │   ├── ObjectMissing       no object at that URI
 │   ├── AccessDenied        the object exists but our credentials may not read it
+│   ├── ModelMismatch       the job names another model than the worker serves
 │   ├── ImageTooLarge       more bytes than CAPTIONER_MAX_IMAGE_BYTES
 │   ├── TooManyPixels       more pixels than CAPTIONER_MAX_IMAGE_PIXELS (decompression bomb)
 │   ├── UndecodableImage    not an image, truncated or corrupt
@@ -52,6 +53,10 @@ class ObjectMissing(ImageError):
 
 
 class AccessDenied(ImageError):
+    pass
+
+
+class ModelMismatch(ImageError):
     pass
 
 

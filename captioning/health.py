@@ -45,12 +45,6 @@ def read_health(client: redis.Redis, host: str) -> WorkerHealth | None:
     return WorkerHealth(**json.loads(raw)) if raw else None
 
 
-def workers_online(client: redis.Redis) -> list[WorkerHealth]:
-    keys = list(client.scan_iter(match=HEALTH_PREFIX + "*", count=1000))
-    values = client.mget(keys) if keys else []
-    return [WorkerHealth(**json.loads(raw)) for raw in values if raw]
-
-
 class HealthBeacon:
     """A daemon thread that rewrites this worker's health key every few seconds."""
 

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 
 import redis
 
-from captioning.broker import redis_client
-from captioning.messages import WORK_QUEUES
-
 SAMPLE_MESSAGES = 50
 
 
@@ -87,11 +84,3 @@ def inflight_stats(client: redis.Redis) -> InFlight:
             continue
         images += images_in(job_of(json.dumps(message)))
     return InFlight(jobs=len(values), images=images)
-
-
-def queue_stats(broker_url: str, queues: tuple[str, ...] = WORK_QUEUES) -> dict[str, QueueStats]:
-    client = redis_client(broker_url)
-    try:
-        return {queue: queue_stats_for(client, queue) for queue in queues}
-    finally:
-        client.close()

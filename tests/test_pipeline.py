@@ -254,3 +254,17 @@ def test_backfill_of_photos_and_hostile_files_leaves_one_row_per_object(
         assert rows[name].status == "failed" and rows[name].error.startswith(error)
     again = captioner(settings, "backfill", source)
     assert f"skipped {len(photos) + len(hostile)} already captioned; enqueued 0" in again
+
+
+def test_a_job_for_another_model_fails_its_images_with_the_reason(
+    settings: Settings, s3, prefix: str, rows_under: RowsUnder
+) -> None:
+    uris = upload(s3, "photos", prefix, {"a.png": photo_bytes()["coffee.png"]})
+    job = CaptionJob(items=(JobItem(uri=uris[0]),), model="some/other-blip2", source="cli")
+    with JobSender(create_app(settings), REALTIME_QUEUE) as sender:
+        sender.send(job)
+
+    rows = rows_under(f"s3://photos/{prefix}", 1)
+    assert [r.status for r in rows] == ["failed"]
+    assert rows[0].error.startswith("ModelMismatch: job asks for model 'some/other-blip2'")
+    assert rows[0].model == "some/other-blip2"

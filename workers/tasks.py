@@ -19,7 +19,7 @@ from celery import Task
 
 from captioning import metrics
 from captioning.deadletters import DeadLetters
-from captioning.errors import ImageError, InvalidJob, TransientError
+from captioning.errors import ImageError, InvalidJob, ModelMismatch, TransientError
 from captioning.messages import TASK_NAME, CaptionJob
 from captioning.results import CaptionRow, Status, utcnow
 from captioning.settings import get_settings
@@ -45,8 +45,9 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
         except ImageError as exc:
             state.error = exc
     if job.model != ctx.model.name:
-        mismatch = ImageError(
-            f"job asks for model {job.model!r}; this worker serves {ctx.model.name!r}"
+        mismatch = ModelMismatch(
+            f"job asks for model {job.model!r}; this worker serves {ctx.model.name!r}: "
+            "run a worker with that CAPTIONER_MODEL, or enqueue with this one"
         )
         for state in states:
             state.error = state.error or mismatch
