@@ -41,7 +41,15 @@ class ModelLoadError(CaptionerError):
 
 
 class ImageError(CaptionerError):
-    """An error that belongs to one image: stored as that image's `failed` row."""
+    """An error that belongs to one image: stored as that image's `failed` row.
+
+    `etag` is the object's when it was read far enough to know it (an object over the byte
+    cap), so the row is keyed like a listing of the bucket would key it.
+    """
+
+    def __init__(self, message: str, *, etag: str | None = None) -> None:
+        super().__init__(message)
+        self.etag = etag
 
 
 class UriRefused(ImageError):

@@ -63,8 +63,15 @@ def clean_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
 
-def too_large(size: int, max_bytes: int) -> ImageTooLarge:
-    return ImageTooLarge(f"object is {size:,} bytes, over the {max_bytes:,}-byte limit")
+def too_large(size: int, max_bytes: int, etag: str) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"object is {size:,} bytes, over the {max_bytes:,}-byte limit", etag=etag
+    )
+
+
+def file_etag(stat: os.stat_result) -> str:
+    """Files have no ETag: modification time and size identify a version well enough."""
+    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
 
 class S3Store:
@@ -100,20 +107,17 @@ class S3Store:
                     raise
                 return self._empty_object(location, version_id)
             total = _total_size(response)
+            etag = clean_etag(response.get("ETag"))
             body = response["Body"]
             try:
                 if total > max_bytes:
-                    raise too_large(total, max_bytes)
+                    raise too_large(total, max_bytes, etag)
                 data = body.read(max_bytes + 1)
             finally:
                 body.close()
         if len(data) > max_bytes:
-            raise too_large(len(data), max_bytes)
-        return StoredObject(
-            data=data,
-            etag=clean_etag(response.get("ETag")),
-            version_id=response.get("VersionId"),
-        )
+            raise too_large(len(data), max_bytes, etag)
+        return StoredObject(data=data, etag=etag, version_id=response.get("VersionId"))
 
     def _empty_object(self, location: ImageLocation, version_id: str | None) -> StoredObject:
         """A Range GET of a zero-byte object answers 416; HEAD still gives its identity."""
@@ -162,7 +166,7 @@ class FileStore:
                 if not S_ISREG(stat.st_mode):
                     raise ObjectMissing("not a regular file (device, FIFO or socket)")
                 if stat.st_size > max_bytes:
-                    raise too_large(stat.st_size, max_bytes)
+                    raise too_large(stat.st_size, max_bytes, file_etag(stat))
                 data = handle.read(max_bytes + 1)
         except FileNotFoundError as exc:
             raise ObjectMissing("no such file") from exc
@@ -173,9 +177,9 @@ class FileStore:
         except OSError as exc:
             raise ObjectMissing(f"cannot read file: {exc.strerror}") from exc
         if len(data) > max_bytes:
-            raise too_large(len(data), max_bytes)
+            raise too_large(len(data), max_bytes, file_etag(stat))
         return StoredObject(
-            data=data, etag=f"{stat.st_mtime_ns:x}-{stat.st_size:x}", version_id=None
+            data=data, etag=file_etag(stat), version_id=None
         )
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:

@@ -268,3 +268,17 @@ def test_a_job_for_another_model_fails_its_images_with_the_reason(
     assert [r.status for r in rows] == ["failed"]
     assert rows[0].error.startswith("ModelMismatch: job asks for model 'some/other-blip2'")
     assert rows[0].model == "some/other-blip2"
+
+
+def test_an_oversized_object_enqueued_by_uri_is_not_captioned_again_by_a_backfill(
+    settings: Settings, s3, prefix: str, rows_under: RowsUnder
+) -> None:
+    huge, _ = hostile_files(settings.max_image_bytes)["huge.jpg"]
+    uris = upload(s3, "photos", prefix, {"huge.jpg": huge})
+    captioner(settings, "enqueue", *uris)
+    [row] = rows_under(f"s3://photos/{prefix}", 1)
+    listed = s3.head_object(Bucket="photos", Key=f"{prefix}huge.jpg")["ETag"].strip('"')
+    assert row.error.startswith("ImageTooLarge") and row.etag == listed
+
+    again = captioner(settings, "backfill", f"s3://photos/{prefix}")
+    assert "skipped 1 already captioned; enqueued 0 images" in again

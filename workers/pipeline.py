@@ -73,6 +73,7 @@ class Stages:
             )
         if isinstance(fetched, ImageError):
             state.error = fetched
+            state.etag = fetched.etag
             return
         state.etag, state.version_id = fetched.etag, fetched.version_id
         state.nbytes = len(fetched.data)
