@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -144,6 +145,16 @@ class ResultsStore:
     def create_schema(self) -> None:
         with self._connection(write=True) as conn:
             metadata.create_all(conn)
+
+    def require_schema(self) -> None:
+        """Fail fast at worker start: without the table every job would retry, then die."""
+        with self._connection(write=False) as conn:
+            present = inspect(conn).has_table(captions.name)
+        if not present:
+            raise ConfigError(
+                "the captions table does not exist in CAPTIONER_DATABASE_URL: "
+                "run `captioner db upgrade` once before starting workers"
+            )
 
     def upsert(self, rows: Sequence[CaptionRow]) -> None:
         if not rows:

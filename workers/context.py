@@ -6,18 +6,22 @@ shared across processes) and reused by every job.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from captioning.errors import DatabaseUnavailable
 from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
 from workers.model import CaptionModel
 from workers.pipeline import Stages
 from workers.write import ResultWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +42,11 @@ class WorkerContext:
     def create(cls, settings: Settings) -> WorkerContext:
         stores = Stores(settings)
         results = ResultsStore(settings.database_url)
+        try:
+            results.require_schema()
+        except DatabaseUnavailable as exc:
+            log.warning("cannot check the results table now (%s); jobs retry until it is back",
+                        exc)
         # Every job in flight fetches through the same threads (and writes its sidecars there).
         io_pool = ThreadPoolExecutor(
             settings.fetch_concurrency * jobs_per_process(settings), thread_name_prefix="io"
