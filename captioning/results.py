@@ -37,6 +37,11 @@ from captioning.errors import ConfigError, DatabaseUnavailable
 
 Status = Literal["ok", "failed"]
 
+NO_TABLE = (
+    "the captions table does not exist in CAPTIONER_DATABASE_URL: "
+    "run `captioner db upgrade` once before starting workers"
+)
+
 metadata = MetaData()
 
 captions = Table(
@@ -135,6 +140,8 @@ class ResultsStore:
             with self.engine.begin() if write else self.engine.connect() as conn:
                 yield conn
         except DBAPIError as exc:
+            if _is_missing_table(exc):
+                raise ConfigError(NO_TABLE) from exc
             lost = isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
             if not lost:
                 raise
@@ -151,10 +158,7 @@ class ResultsStore:
         with self._connection(write=False) as conn:
             present = inspect(conn).has_table(captions.name)
         if not present:
-            raise ConfigError(
-                "the captions table does not exist in CAPTIONER_DATABASE_URL: "
-                "run `captioner db upgrade` once before starting workers"
-            )
+            raise ConfigError(NO_TABLE)
 
     def upsert(self, rows: Sequence[CaptionRow]) -> None:
         if not rows:
@@ -215,6 +219,11 @@ class ResultsStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _is_missing_table(exc: DBAPIError) -> bool:
+    """SQLite says "no such table"; PostgreSQL raises SQLSTATE 42P01 (undefined_table)."""
+    return "no such table" in str(exc.orig) or getattr(exc.orig, "sqlstate", None) == "42P01"
 
 
 def utcnow() -> datetime:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from captioning.cli import format_table
-from captioning.errors import InvalidJob, UriRefused
+from captioning.errors import ConfigError, InvalidJob, UriRefused
 from captioning.messages import CaptionJob, JobItem
 from captioning.queues import images_in, job_of
 from captioning.results import CaptionRow, ResultsStore, row_id, sidecar_key
@@ -195,3 +195,14 @@ def test_table_output_names_every_row() -> None:
     rows = [make_row("s3://b/1.jpg"), make_row("s3://b/2.jpg", status="failed")]
     table = format_table([row.to_json() for row in rows])
     assert "a cat" in table and "ObjectMissing" in table and "(2 rows)" in table
+
+
+def test_a_missing_captions_table_says_to_run_db_upgrade(tmp_path: Path) -> None:
+    store = ResultsStore(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(ConfigError, match="run `captioner db upgrade`"):
+        store.rows()
+    with pytest.raises(ConfigError, match="run `captioner db upgrade`"):
+        store.require_schema()
+    store.create_schema()
+    store.require_schema()
+    assert store.rows() == []
