@@ -14,6 +14,7 @@ from PIL import Image
 
 from captioning.errors import StoreUnavailable, UndecodableImage
 from captioning.messages import CaptionJob, JobItem
+from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import allowed_location
@@ -37,6 +38,7 @@ def ctx(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker
         allowed_roots=(root,), batch_size=3, max_new_tokens=6, fetch_concurrency=4,
         max_image_bytes=2_000_000, max_image_pixels=20_000_000,
     )
+    ResultsStore(settings.database_url).create_schema()
     context = WorkerContext.create(settings)
     yield context
     context.close()
