@@ -99,20 +99,7 @@ def system_run(
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    env = {
-        "CAPTIONER_BROKER_URL": settings.broker_url,
-        "CAPTIONER_DATABASE_URL": settings.database_url,
-        "CAPTIONER_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
-        "CAPTIONER_ALLOWED_BUCKETS": ",".join(settings.allowed_buckets),
-        "CAPTIONER_RESULTS_URI": settings.results_uri or "",
-        "CAPTIONER_MODEL": settings.model,
-        "CAPTIONER_BATCH_SIZE": str(settings.batch_size),
-        "CAPTIONER_MAX_NEW_TOKENS": str(settings.max_new_tokens),
-        "CAPTIONER_JOBS_IN_FLIGHT": str(settings.jobs_in_flight),
-        "CAPTIONER_POOL": settings.pool,
-        "HF_HUB_OFFLINE": "1",
-    }
-    return {**os.environ, **env}
+    return {**os.environ, **settings.as_env(), "HF_HUB_OFFLINE": "1"}
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:

@@ -550,16 +550,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             allowed_roots=(directory,),
             model=model,
             results_uri=(workdir / "sidecars").as_uri(),
+            metrics_port=0,
         )
-        env = {
-            **os.environ,
-            "CAPTIONER_BROKER_URL": settings.broker_url,
-            "CAPTIONER_DATABASE_URL": settings.database_url,
-            "CAPTIONER_ALLOWED_ROOTS": str(directory),
-            "CAPTIONER_MODEL": model,
-            "CAPTIONER_RESULTS_URI": str(settings.results_uri),
-            "CAPTIONER_METRICS_PORT": "0",
-        }
+        env = {**os.environ, **settings.as_env()}
         results = ResultsStore(settings.database_url)
         results.create_schema()
         worker = subprocess.Popen(

@@ -84,6 +84,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"CAPTIONER_ALLOWED_ROOTS entries must be absolute: {root}")
         return tuple(root.resolve() for root in roots)
 
+    def as_env(self) -> dict[str, str]:
+        """`CAPTIONER_*` variables that give a child process (a worker) these same settings."""
+        env: dict[str, str] = {}
+        for name, value in self:
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                text = ",".join(str(part) for part in value)
+            elif isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"CAPTIONER_{name.upper()}"] = text
+        return env
+
     @property
     def job_deadline_s(self) -> int:
         """The hard time limit of one job: the biggest job allowed, at the slowest allowed

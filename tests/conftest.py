@@ -108,21 +108,7 @@ def settings(
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = {
-        "CAPTIONER_BROKER_URL": settings.broker_url,
-        "CAPTIONER_DATABASE_URL": settings.database_url,
-        "CAPTIONER_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
-        "CAPTIONER_ALLOWED_BUCKETS": ",".join(settings.allowed_buckets),
-        "CAPTIONER_ALLOWED_ROOTS": ",".join(str(r) for r in settings.allowed_roots),
-        "CAPTIONER_RESULTS_URI": settings.results_uri or "",
-        "CAPTIONER_MODEL": settings.model,
-        "CAPTIONER_BATCH_SIZE": str(settings.batch_size),
-        "CAPTIONER_MAX_NEW_TOKENS": str(settings.max_new_tokens),
-        "CAPTIONER_MAX_IMAGE_BYTES": str(settings.max_image_bytes),
-        "CAPTIONER_MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
-        "CAPTIONER_METRICS_PORT": str(settings.metrics_port),
-    }
-    return {**os.environ, **env}
+    return {**os.environ, **settings.as_env()}
 
 
 @pytest.fixture(scope="session")

@@ -206,3 +206,15 @@ def test_a_missing_captions_table_says_to_run_db_upgrade(tmp_path: Path) -> None
     store.create_schema()
     store.require_schema()
     assert store.rows() == []
+
+
+def test_settings_survive_the_trip_to_a_child_process_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    original = Settings(
+        allowed_buckets=("a", "b"), allowed_roots=(tmp_path,), pool="threads",
+        static_cache=True, webhook_secret="s3cret", job_time_limit_s=60,
+    )
+    for name, value in original.as_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == original
