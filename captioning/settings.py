@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     # Static KV cache, which transformers compiles (torch.compile) on CUDA. Off: not measured.
     static_cache: bool = False
     quantization: Quantization = "none"
+    # An ITM model (Blip2ForImageTextRetrieval) that scores every caption; None: no scores.
+    scorer: str | None = None
+    # CapFilt: the greedy caption plus `candidates - 1` nucleus samples, all scored, the best
+    # kept. Needs a scorer.
+    candidates: int = Field(default=1, ge=1, le=16)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, le=5)
 
     max_image_bytes: int = Field(default=32 * MiB, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
@@ -100,6 +107,15 @@ class Settings(BaseSettings):
                 text = str(value)
             env[f"CAPTIONER_{name.upper()}"] = text
         return env
+
+    @model_validator(mode="after")
+    def _candidates_need_a_scorer(self) -> Settings:
+        if self.candidates > 1 and self.scorer is None:
+            raise ValueError(
+                "CAPTIONER_CANDIDATES > 1 needs CAPTIONER_SCORER (the candidates are ranked by "
+                "its match score): set it, or set CAPTIONER_CANDIDATES=1"
+            )
+        return self
 
     @property
     def job_deadline_s(self) -> int:

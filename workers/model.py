@@ -62,6 +62,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 _PAD, _BOS, _EOS, _UNK, _IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+_CLS, _SEP = "[CLS]", "[SEP]"
 _TINY_IMAGE_SIZE = 32
 _TINY_QUERY_TOKENS = 4
 _TINY_HIDDEN = 32
@@ -173,25 +174,28 @@ def build_tiny_blip2(
     return directory
 
 
-def tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(text_model: Literal["opt", "t5", "bert"]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over caption words, built in-process (nothing downloaded).
 
-    Like the real ones, OPT's prepends a BOS and T5's appends an EOS to every text.
+    Like the real ones, OPT's prepends a BOS and T5's appends an EOS to every text; the
+    BERT-style one (the Q-Former's, in an ITM model) wraps it in [CLS] ... [SEP].
     """
-    specials = [_PAD, _BOS, _EOS, _UNK]
+    first, second = (_CLS, _SEP) if text_model == "bert" else (_BOS, _EOS)
+    specials = [_PAD, first, second, _UNK]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + _CAPTION_WORDS.split()))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_UNK))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if text_model == "opt":
-        template = processors.TemplateProcessing(
-            single=f"{_BOS} $A", special_tokens=[(_BOS, vocab[_BOS])]
+    single = {"opt": f"{_BOS} $A", "t5": f"$A {_EOS}", "bert": f"{_CLS} $A {_SEP}"}[text_model]
+    backend.post_processor = processors.TemplateProcessing(
+        single=single,
+        special_tokens=[(token, vocab[token]) for token in (first, second) if token in single],
+    )
+    if text_model == "bert":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token=_PAD, cls_token=_CLS, sep_token=_SEP,
+            unk_token=_UNK,
         )
-    else:
-        template = processors.TemplateProcessing(
-            single=f"$A {_EOS}", special_tokens=[(_EOS, vocab[_EOS])]
-        )
-    backend.post_processor = template
     # A plain special token, not `extra_special_tokens={"image_token": ...}`: Blip2Processor
     # (5.23) then calls `.content` on the str that attribute holds and fails.
     backend.add_special_tokens([AddedToken(_IMAGE, special=True, normalized=False)])
@@ -477,7 +481,7 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _resolve_source(model: str) -> tuple[str, bool]:
+def _resolve_source(model: str, *, setting: str = "CAPTIONER_MODEL") -> tuple[str, bool]:
     """(what to pass to from_pretrained, local files only?) for an id or a directory.
 
     A cached id loads without touching the network, so a worker restarts during a Hub
@@ -488,16 +492,16 @@ def _resolve_source(model: str) -> tuple[str, bool]:
         return str(path), True
     if model.startswith(("/", ".", "~")):
         raise ModelLoadError(
-            f"CAPTIONER_MODEL={model!r} looks like a path but is not a directory; point it "
+            f"{setting}={model!r} looks like a path but is not a directory; point it "
             "at a directory written by save_pretrained(), or use a Hugging Face id"
         )
     if weights_cached(model):
         return model, True
     if _offline():
         raise ModelLoadError(
-            f"CAPTIONER_MODEL={model!r} is not in the local Hugging Face cache and offline "
+            f"{setting}={model!r} is not in the local Hugging Face cache and offline "
             f"mode is on (HF_HUB_OFFLINE); download it first (`hf download {model}`), "
-            "or point CAPTIONER_MODEL at a local save_pretrained() directory"
+            f"or point {setting} at a local save_pretrained() directory"
         )
     return model, False
 
