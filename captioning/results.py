@@ -15,9 +15,11 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
+    JSON,
     Column,
     DateTime,
     Engine,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -65,6 +67,10 @@ captions = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("worker", Text),
+    Column("match_probability", Float, comment="ITM: P(caption matches image), by scorer"),
+    Column("itc_cosine", Float, comment="ITC: image-caption cosine similarity, by scorer"),
+    Column("scorer", Text, comment="the ITM model that scored the caption"),
+    Column("candidates", JSON, comment="CapFilt: [{caption, match_probability, itc_cosine}]"),
     Index("ix_captions_uri", "uri"),
     Index("ix_captions_status_finished", "status", "finished_at"),
 )
@@ -89,6 +95,11 @@ class CaptionRow:
     finished_at: datetime
     worker: str | None
     attempts: int = 1
+    match_probability: float | None = None
+    itc_cosine: float | None = None
+    scorer: str | None = None
+    # Every candidate caption (greedy first, then the samples) with its scores.
+    candidates: list[dict[str, Any]] | None = None
 
     @property
     def row_id(self) -> str:
@@ -150,8 +161,19 @@ class ResultsStore:
             ) from exc
 
     def create_schema(self) -> None:
+        """Create the table, or add the nullable columns and indexes a newer release defines
+        to an existing one (existing rows untouched: the new columns are null)."""
         with self._connection(write=True) as conn:
             metadata.create_all(conn)
+            present = {column["name"] for column in inspect(conn).get_columns(captions.name)}
+            for column in captions.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE {captions.name} ADD COLUMN "{column.name}" {kind}'
+                    )
+            for index in captions.indexes:
+                index.create(conn, checkfirst=True)
 
     def require_schema(self) -> None:
         """Fail fast at worker start: without the table every job would retry, then die."""
@@ -191,12 +213,16 @@ class ResultsStore:
         prefix: str | None = None,
         status: Status | None = None,
         limit: int | None = None,
+        min_score: float | None = None,
     ) -> list[CaptionRow]:
+        """Rows by uri; `min_score` keeps scored rows whose match probability reaches it."""
         query = select(*(c for c in captions.columns if c.name != "id")).order_by(captions.c.uri)
         if prefix:
             query = query.where(captions.c.uri.startswith(prefix, autoescape=True))
         if status:
             query = query.where(captions.c.status == status)
+        if min_score is not None:
+            query = query.where(captions.c.match_probability >= min_score)
         if limit:
             query = query.limit(limit)
         with self._connection(write=False) as conn:
