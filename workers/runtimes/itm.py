@@ -15,48 +15,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
     Blip2Processor,
-    Blip2QFormerConfig,
-    BlipImageProcessorPil,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from captioning.errors import ModelLoadError
 from captioning.settings import Settings
-from workers.model import (
-    _DTYPES,
-    _default_dtype,
-    _device,
-    _resolve_source,
-    build_tiny_blip2,
-    tiny_tokenizer,
-)
 from workers.pixels import ModelPixels, Normalizer, PixelSpec
+from workers.runtimes import loading
 
 log = logging.getLogger(__name__)
 
-#: A tiny random ITM model whose vision tower is that of `tiny-random-blip2` (same config,
-#: same weights), like blip2-itm-vit-g and blip2-opt-2.7b share EVA ViT-g.
-TINY_SCORER = "tiny-random-blip2-itm"
-#: The same, with a vision tower of its own (same config, other weights): nothing is shared.
-TINY_SCORER_OWN_VIT = "tiny-random-blip2-itm-own-vit"
-TINY_SCORERS = (TINY_SCORER, TINY_SCORER_OWN_VIT)
-
 #: Caption tokens the ITM model reads (LAVIS' BLIP-2 matching uses 35); longer ones are cut.
 MAX_TEXT_TOKENS = 35
-_TINY_TEXT_PROJECTION = 16
 
 
 @dataclass(frozen=True)
@@ -106,40 +85,29 @@ class ScoreModel:
 
     @classmethod
     def load(cls, settings: Settings) -> ScoreModel:
-        """Load `settings.scorer` (HF id, local directory or a tiny one) like the captioner:
-        same device, dtype and cache rules. Raises ModelLoadError with what to do."""
+        """Load `settings.scorer` (HF id, local directory or tiny twin) by the captioner's
+        rules: same device, dtype and cache. Raises ModelLoadError saying what to do."""
         assert settings.scorer is not None
         hf_logging.disable_progress_bar()
-        device = _device(settings.device)
-        dtype = _DTYPES[settings.dtype] if settings.dtype else _default_dtype(device)
-        if settings.scorer in TINY_SCORERS:
-            log.warning(
-                "CAPTIONER_SCORER=%s has random weights: its scores are noise, for tests and "
-                "offline demos only (set Salesforce/blip2-itm-vit-g for real ones)",
-                settings.scorer,
-            )
-            with tempfile.TemporaryDirectory(prefix="tiny-itm-") as tmp:
-                source = build_tiny_itm(Path(tmp), share_vision=settings.scorer == TINY_SCORER)
-                return cls._from_pretrained(settings.scorer, str(source), device, dtype, True)
-        source, local_only = _resolve_source(settings.scorer, setting="CAPTIONER_SCORER")
-        return cls._from_pretrained(settings.scorer, source, device, dtype, local_only)
-
-    @classmethod
-    def _from_pretrained(
-        cls, name: str, source: str, device: torch.device, dtype: torch.dtype, local_only: bool
-    ) -> ScoreModel:
-        try:
-            processor = Blip2Processor.from_pretrained(source, local_files_only=local_only)
-            model = Blip2ForImageTextRetrieval.from_pretrained(
-                source, dtype=dtype, local_files_only=local_only
-            ).to(device)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load ITM scorer {name!r} on {device}: {exc}") from exc
+        device = loading.device(settings.device)
+        dtype = loading.dtype(settings.dtype, device)
+        with loading.checkpoint(settings.scorer, setting="CAPTIONER_SCORER") as source:
+            try:
+                processor = Blip2Processor.from_pretrained(
+                    source.location, local_files_only=source.local_only
+                )
+                model = Blip2ForImageTextRetrieval.from_pretrained(
+                    source.location, dtype=dtype, local_files_only=source.local_only
+                ).to(device)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"cannot load ITM scorer {settings.scorer!r} on {device}: {exc}"
+                ) from exc
         model.eval()
         processor.tokenizer.padding_side = "right"  # ITC reads the first ([CLS]) position
         spec = PixelSpec.from_processor(processor.image_processor)
-        return cls(name=name, model=model, tokenizer=processor.tokenizer, pixel_spec=spec,
-                   dtype=dtype)
+        return cls(name=settings.scorer, model=model, tokenizer=processor.tokenizer,
+                   pixel_spec=spec, dtype=dtype)
 
     @torch.inference_mode()
     def image_embeds(self, pixels: Sequence[ModelPixels]) -> torch.Tensor:
@@ -225,55 +193,3 @@ class ScoreModel:
 
 def _all_visible(image_embeds: torch.Tensor) -> torch.Tensor:
     return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-
-
-def build_tiny_itm(directory: Path, *, share_vision: bool, seed: int = 0) -> Path:
-    """Save a tiny random Blip2ForImageTextRetrieval (model + processor) into `directory`.
-
-    Its vision config is that of `tiny-random-blip2`; with `share_vision` its vision weights
-    are copied from it too (the two then share one ViT pass in a worker), otherwise they are
-    drawn from `seed`. The Q-Former reads a BERT-style word-level tokenizer ([CLS] ... [SEP]).
-    """
-    with tempfile.TemporaryDirectory(prefix="tiny-blip2-") as tmp:
-        captioner_dir = build_tiny_blip2(Path(tmp))
-        captioner_config = Blip2Config.from_pretrained(captioner_dir)
-        captioner_vision = _load_captioner_vision(captioner_dir) if share_vision else None
-    tokenizer = tiny_tokenizer("bert")
-    qformer = captioner_config.qformer_config
-    config = Blip2Config(
-        vision_config=captioner_config.vision_config,
-        qformer_config=Blip2QFormerConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=qformer.hidden_size,
-            intermediate_size=qformer.intermediate_size,
-            num_hidden_layers=qformer.num_hidden_layers,
-            num_attention_heads=qformer.num_attention_heads,
-            cross_attention_frequency=1,
-            max_position_embeddings=64,
-            initializer_range=qformer.initializer_range,
-            pad_token_id=tokenizer.pad_token_id,
-            use_qformer_text_input=True,  # the ITM Q-Former reads the caption too
-        ),
-        num_query_tokens=captioner_config.num_query_tokens,
-        image_text_hidden_size=_TINY_TEXT_PROJECTION,
-        initializer_range=captioner_config.initializer_range,
-    )
-    torch.manual_seed(seed + 1)  # not the captioner's draw: the own-ViT variant must differ
-    model = Blip2ForImageTextRetrieval(config)
-    torch.nn.init.normal_(model.query_tokens, std=captioner_config.initializer_range)
-    if captioner_vision is not None:
-        model.vision_model.load_state_dict(captioner_vision)
-    size = captioner_config.vision_config.image_size
-    processor = Blip2Processor(
-        BlipImageProcessorPil(size={"height": size, "width": size}), tokenizer
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
-def _load_captioner_vision(directory: Path) -> dict[str, torch.Tensor]:
-    captioner = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
-    return captioner.vision_model.state_dict()
-

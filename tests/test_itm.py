@@ -11,16 +11,10 @@ import torch
 from torch import nn
 
 from captioning.settings import Settings
-from workers.model import TINY_MODEL, CaptionModel
 from workers.pixels import ModelPixels
-from workers.scoring import (
-    TINY_SCORER,
-    TINY_SCORER_OWN_VIT,
-    ScoreModel,
-    build_tiny_itm,
-    match_probability,
-    vision_digest,
-)
+from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.itm import ScoreModel, match_probability, vision_digest
+from workers.runtimes.tiny import TINY_MODEL, TINY_SCORER, TINY_SCORER_OWN_VIT, build_tiny_itm
 
 CAPTIONS = [
     ["a dog on the grass", "two cats sitting on a red sofa", "a plane in the sky"],

@@ -1,0 +1,265 @@
+"""The tiny random twins of the model kinds, for tests and offline demos.
+
+Each twin is built in-process with the real classes and tiny random weights from a fixed
+seed, saved the way a real checkpoint is published, and loaded back through the same code
+(loading.checkpoint) as the real one. Their outputs are noise, and they say so.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    BlipImageProcessorPil,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
+
+TINY_MODEL = "tiny-random-blip2"
+PLACEHOLDER_NOTICE = (
+    f"CAPTIONER_MODEL={TINY_MODEL} has random weights: its captions are noise, meant for tests "
+    "and offline demos only. For real captions set CAPTIONER_MODEL=Salesforce/blip2-opt-2.7b "
+    "(weights in the Hugging Face cache, or a local save_pretrained directory)."
+)
+
+#: A tiny random ITM model whose vision tower is that of TINY_MODEL (same config, same
+#: weights), as blip2-itm-vit-g and blip2-opt-2.7b share EVA ViT-g.
+TINY_SCORER = "tiny-random-blip2-itm"
+#: The same with a vision tower of its own (same config, other weights): nothing is shared.
+TINY_SCORER_OWN_VIT = "tiny-random-blip2-itm-own-vit"
+_TINY_TEXT_PROJECTION = 16
+
+
+def _scorer_notice(name: str) -> str:
+    return (
+        f"CAPTIONER_SCORER={name} has random weights: its scores are noise, meant for tests "
+        "and offline demos only. For real scores set CAPTIONER_SCORER=Salesforce/blip2-itm-vit-g."
+    )
+
+
+_PAD, _BOS, _EOS, _UNK, _IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+_CLS, _SEP = "[CLS]", "[SEP]"
+_TINY_IMAGE_SIZE = 32
+_TINY_QUERY_TOKENS = 4
+_TINY_HIDDEN = 32
+_TINY_INIT_STD = 0.5  # wide logits, so greedy argmax is not decided by float noise
+_CAPTION_WORDS = """
+a an the one two three four five several many some of on in at with by near next to under
+over above below behind front inside outside top bottom left right middle side and or while
+is are was sitting standing lying walking running flying swimming holding looking playing
+eating drinking riding driving parked hanging floating covered filled made wearing carrying
+showing smiling waiting crossing jumping sleeping reading cooking cutting posing talking
+man woman person people boy girl child children baby group crowd player team family couple
+dog dogs cat cats horse horses cow cows sheep bird birds duck elephant giraffe zebra bear
+fish animal animals car cars truck bus train bicycle bike motorcycle boat plane airplane
+street road sidewalk city building buildings house houses tower bridge park field grass tree
+trees forest mountain mountains hill hills river lake water ocean sea beach sand sky cloud
+clouds sun sunset snow rain light shadow table chair chairs bench bed couch sofa desk room
+kitchen bathroom window door wall floor roof sign signs clock phone computer laptop screen
+book books cup mug glass bottle plate bowl food pizza sandwich cake bread fruit apple apples
+banana bananas orange vegetables salad coffee tea pot vase flower flowers plant plants ball
+frisbee kite umbrella bag hat shirt jacket dress shoes glasses picture photo image painting
+view close up black white red blue green yellow brown gray grey pink purple colorful large
+small big little tall long short old young new empty full open wooden metal stone dark
+bright sunny cloudy night day morning evening background foreground area scene way ground
+this that there it its his her their other each together outdoors indoors alone different
+what who where how many question answer describe does do kind color style
+. , ? : ! ' -
+"""
+
+
+def build_tiny_blip2(
+    directory: Path, *, text_model: Literal["opt", "t5"] = "opt", seed: int = 0
+) -> Path:
+    """Save a tiny random BLIP-2 (model + processor) into `directory` and return it.
+
+    The real classes with tiny sizes: an OPT (decoder-only, like blip2-opt-*) or T5
+    (encoder-decoder, like blip2-flan-t5-*) language model, a word-level tokenizer built
+    offline with an `<image>` token, and weights drawn from `torch.manual_seed(seed)`.
+    """
+    tokenizer = tiny_tokenizer(text_model)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (_PAD, _BOS, _EOS)}
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": ids[_PAD],
+        "eos_token_id": ids[_EOS],
+        "tie_word_embeddings": False,
+    }
+    text_config: OPTConfig | T5Config
+    if text_model == "opt":
+        text_config = OPTConfig(
+            hidden_size=_TINY_HIDDEN,
+            word_embed_proj_dim=_TINY_HIDDEN,
+            ffn_dim=4 * _TINY_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=1024,  # room for a 1000-character prompt
+            bos_token_id=ids[_BOS],
+            init_std=_TINY_INIT_STD,
+            **common,
+        )
+    else:
+        text_config = T5Config(
+            d_model=_TINY_HIDDEN,
+            d_kv=_TINY_HIDDEN // 4,
+            d_ff=4 * _TINY_HIDDEN,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=ids[_PAD],
+            initializer_factor=_TINY_INIT_STD / 0.02,  # T5 scales its init, has no std
+            **common,
+        )
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=_TINY_HIDDEN,
+            intermediate_size=4 * _TINY_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=_TINY_IMAGE_SIZE,
+            patch_size=8,
+            initializer_range=_TINY_INIT_STD,  # the default (1e-10) leaves it all zeros
+        ),
+        qformer_config=Blip2QFormerConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=_TINY_HIDDEN,
+            intermediate_size=4 * _TINY_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            cross_attention_frequency=1,
+            max_position_embeddings=64,
+            initializer_range=_TINY_INIT_STD,
+        ),
+        text_config=text_config,
+        num_query_tokens=_TINY_QUERY_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids(_IMAGE),
+        initializer_range=_TINY_INIT_STD,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    # Zero-initialised queries would all read the image the same way; trained ones differ.
+    torch.nn.init.normal_(model.query_tokens, std=_TINY_INIT_STD)
+    image_processor = BlipImageProcessorPil(
+        size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE}
+    )
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=_TINY_QUERY_TOKENS)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_tokenizer(text_model: Literal["opt", "t5", "bert"]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over caption words, built in-process (nothing downloaded).
+
+    Like the real ones, OPT's prepends a BOS and T5's appends an EOS to every text; the
+    BERT-style one (the Q-Former's, in an ITM model) wraps it in [CLS] ... [SEP].
+    """
+    first, second = (_CLS, _SEP) if text_model == "bert" else (_BOS, _EOS)
+    specials = [_PAD, first, second, _UNK]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + _CAPTION_WORDS.split()))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = {"opt": f"{_BOS} $A", "t5": f"$A {_EOS}", "bert": f"{_CLS} $A {_SEP}"}[text_model]
+    backend.post_processor = processors.TemplateProcessing(
+        single=single,
+        special_tokens=[(token, vocab[token]) for token in (first, second) if token in single],
+    )
+    if text_model == "bert":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token=_PAD, cls_token=_CLS, sep_token=_SEP,
+            unk_token=_UNK,
+        )
+    # A plain special token, not `extra_special_tokens={"image_token": ...}`: Blip2Processor
+    # (5.23) then calls `.content` on the str that attribute holds and fails.
+    backend.add_special_tokens([AddedToken(_IMAGE, special=True, normalized=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=_PAD, bos_token=_BOS, eos_token=_EOS, unk_token=_UNK
+    )
+
+
+def build_tiny_itm(directory: Path, *, share_vision: bool, seed: int = 0) -> Path:
+    """Save a tiny random Blip2ForImageTextRetrieval (model + processor) into `directory`.
+
+    Its vision config is that of `tiny-random-blip2`; with `share_vision` its vision weights
+    are copied from it too (the two then share one ViT pass in a worker), otherwise they are
+    drawn from `seed`. The Q-Former reads a BERT-style word-level tokenizer ([CLS] ... [SEP]).
+    """
+    with tempfile.TemporaryDirectory(prefix="tiny-blip2-") as tmp:
+        captioner_dir = build_tiny_blip2(Path(tmp))
+        captioner_config = Blip2Config.from_pretrained(captioner_dir)
+        captioner_vision = _load_captioner_vision(captioner_dir) if share_vision else None
+    tokenizer = tiny_tokenizer("bert")
+    qformer = captioner_config.qformer_config
+    config = Blip2Config(
+        vision_config=captioner_config.vision_config,
+        qformer_config=Blip2QFormerConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=qformer.hidden_size,
+            intermediate_size=qformer.intermediate_size,
+            num_hidden_layers=qformer.num_hidden_layers,
+            num_attention_heads=qformer.num_attention_heads,
+            cross_attention_frequency=1,
+            max_position_embeddings=64,
+            initializer_range=qformer.initializer_range,
+            pad_token_id=tokenizer.pad_token_id,
+            use_qformer_text_input=True,  # the ITM Q-Former reads the caption too
+        ),
+        num_query_tokens=captioner_config.num_query_tokens,
+        image_text_hidden_size=_TINY_TEXT_PROJECTION,
+        initializer_range=captioner_config.initializer_range,
+    )
+    torch.manual_seed(seed + 1)  # not the captioner's draw: the own-ViT variant must differ
+    model = Blip2ForImageTextRetrieval(config)
+    torch.nn.init.normal_(model.query_tokens, std=captioner_config.initializer_range)
+    if captioner_vision is not None:
+        model.vision_model.load_state_dict(captioner_vision)
+    size = captioner_config.vision_config.image_size
+    processor = Blip2Processor(
+        BlipImageProcessorPil(size={"height": size, "width": size}), tokenizer
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def _load_captioner_vision(directory: Path) -> dict[str, torch.Tensor]:
+    captioner = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    return captioner.vision_model.state_dict()
+
+
+@dataclass(frozen=True)
+class Twin:
+    """How to build a tiny model into a directory, and the warning it logs when loaded."""
+
+    build: Callable[[Path], Path]
+    notice: str
+
+
+#: Model setting value -> its tiny twin. Any other value is a real model (id or directory).
+TWINS: dict[str, Twin] = {
+    TINY_MODEL: Twin(build_tiny_blip2, PLACEHOLDER_NOTICE),
+    TINY_SCORER: Twin(
+        functools.partial(build_tiny_itm, share_vision=True), _scorer_notice(TINY_SCORER)
+    ),
+    TINY_SCORER_OWN_VIT: Twin(
+        functools.partial(build_tiny_itm, share_vision=False), _scorer_notice(TINY_SCORER_OWN_VIT)
+    ),
+}
