@@ -14,10 +14,24 @@ from workers.pixels import ModelPixels
 
 
 @dataclass(frozen=True)
-class Annotation:
-    """One image's result from one model kind: `text` goes in the row's `caption`."""
+class Candidate:
+    """One proposed caption and its scores (CapFilt)."""
 
     text: str
+    match_probability: float
+    itc_cosine: float
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One image's result from one model kind: `text` goes in the row's `caption`; the
+    scores are those of `text` when a scorer runs, and `candidates` every caption proposed
+    (greedy first) when more than one was."""
+
+    text: str
+    match_probability: float | None = None
+    itc_cosine: float | None = None
+    candidates: tuple[Candidate, ...] = ()
 
 
 class Runtime(Protocol):

@@ -3,13 +3,19 @@ postprocess.
 
 Each step is a plain method so it can be tested alone (LitServe's shape). `caption()` runs
 the three over micro-batches of `settings.batch_size`.
+
+Generation starts from the vision side's output (`encode`: ViT, then Q-Former queries), not
+from pixels, so one vision pass serves every prompt of a job, every CapFilt candidate, and an
+ITM scorer (runtimes/itm.py) whose frozen ViT has the same weights as this model's.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,12 +27,22 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation
+from workers.runtimes.base import Annotation, Candidate
+from workers.runtimes.itm import Score, ScoreModel, vision_digest
 
 log = logging.getLogger(__name__)
 
 #: The start-up batch probe stops once a batch peaks above this share of GPU memory.
 MEMORY_HEADROOM = 0.8
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A micro-batch after the vision side: the ViT's output (what a scorer sharing the tower
+    reads) and the projected Q-Former queries (what the language model reads, any prompt)."""
+
+    image_embeds: torch.Tensor
+    language_inputs: torch.Tensor
 
 
 class CaptionModel:
@@ -64,6 +80,34 @@ class CaptionModel:
         }
         if settings.static_cache:
             self._generate_options["cache_implementation"] = "static"
+        self._sample_options: dict[str, object] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": True,
+            "top_p": settings.top_p,
+            "temperature": settings.temperature,
+        }
+        self.candidates = settings.candidates
+        self.scorer: ScoreModel | None = None
+        self.shares_vision = False
+
+    def attach_scorer(self, scorer: ScoreModel) -> None:
+        """Score every caption with `scorer`. Its ViT is skipped when its weights (digest,
+        not name) and pixels are this model's; otherwise it runs too, and the log says so."""
+        if scorer.pixel_spec.size != self.image_size:
+            raise ModelLoadError(
+                f"scorer {scorer.name!r} reads {scorer.pixel_spec.size}px images but captioner "
+                f"{self.name!r} reads {self.image_size}px: pick a scorer of the same resolution"
+            )
+        self.scorer = scorer
+        self.shares_vision = scorer.vision_digest == vision_digest(
+            self.model.vision_model, self.pixel_spec
+        )
+        if self.shares_vision:
+            log.info("scorer %s has the vision tower of %s (same weight digest): one vision "
+                     "pass per image feeds both", scorer.name, self.name)
+        else:
+            log.warning("scorer %s and captioner %s have different vision towers (weight "
+                        "digests differ): each image runs both", scorer.name, self.name)
 
     @classmethod
     def load(cls, settings: Settings) -> CaptionModel:
@@ -107,6 +151,8 @@ class CaptionModel:
         runtime = cls(
             name=settings.model, model=model, processor=processor, dtype=dtype, settings=settings
         )
+        if settings.scorer is not None:
+            runtime.attach_scorer(ScoreModel.load(settings))
         runtime.warm_up(settings)
         return runtime
 
@@ -140,27 +186,82 @@ class CaptionModel:
 
     @torch.inference_mode()
     def predict(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Greedy (or beam) generate() on the model's device; returns token ids."""
-        tensors = {name: tensor.to(self.device) for name, tensor in inputs.items()}
-        tensors["pixel_values"] = tensors["pixel_values"].to(self.dtype)
-        return self.model.generate(**tensors, **self._generate_options)
+        """Greedy (or beam) generation on the model's device; returns token ids."""
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        return self._generate(
+            self.encode(pixel_values).language_inputs,
+            inputs["input_ids"].to(self.device),
+            inputs["attention_mask"].to(self.device),
+            self._generate_options,
+        )
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> Encoded:
+        """The vision side of Blip2ForConditionalGeneration.generate: ViT, Q-Former, projection."""
+        model = self.model
+        image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
+        queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = model.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(
+                image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+            ),
+            return_dict=True,
+        ).last_hidden_state
+        # The Q-Former is kept in fp32; the language model reads the vision dtype.
+        query_output = query_output.to(image_embeds.dtype)
+        return Encoded(image_embeds, model.language_projection(query_output))
+
+    def _generate(
+        self,
+        language_inputs: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        options: Mapping[str, object],
+    ) -> torch.Tensor:
+        """The language side of Blip2ForConditionalGeneration.generate: the queries replace
+        the prompt's `<image>` tokens, then the language model generates."""
+        model = self.model
+        embeds = model.get_input_embeddings()(input_ids)
+        image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_slots, language_inputs.to(embeds.dtype))
+        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        if not model.language_model.config.is_encoder_decoder:
+            inputs["input_ids"] = input_ids
+        return model.language_model.generate(**inputs, **options)
 
     def postprocess(
         self, output_ids: torch.Tensor, inputs: Mapping[str, torch.Tensor]
     ) -> list[str]:
-        """Token ids -> captions. A decoder-only model's output starts with the prompt
-        (image tokens and text), which is cut off; an encoder-decoder's does not."""
+        """Token ids -> captions."""
+        return self._decode(output_ids, inputs["input_ids"].shape[1])
+
+    def _decode(self, output_ids: torch.Tensor, prompt_length: int) -> list[str]:
+        """A decoder-only model's output starts with the prompt (image tokens and text), which
+        is cut off; an encoder-decoder's does not."""
         if self.model.config.use_decoder_only_language_model:
-            output_ids = output_ids[:, inputs["input_ids"].shape[1] :]
+            output_ids = output_ids[:, prompt_length:]
         texts = self.processor.batch_decode(output_ids.cpu(), skip_special_tokens=True)
         return [text.strip() for text in texts]
 
     def generate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
-        """Captions for one micro-batch. On CUDA out-of-memory (a longer prompt than the
-        start-up probe saw) the batch is split in two and the smaller size kept from then on."""
+        """Captions (the kept ones, under CapFilt) for one micro-batch."""
+        return [annotation.text for annotation in self.annotate(pixels, prompt)]
+
+    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
+        """The runtime interface: one micro-batch's captions as annotations."""
+        return self.annotate_prompts(pixels, [prompt])[0]
+
+    def annotate_prompts(
+        self, pixels: Sequence[ModelPixels], prompts: Sequence[str]
+    ) -> list[list[Annotation]]:
+        """Annotations per prompt, then per image, from one vision pass over the micro-batch.
+        On CUDA out-of-memory (a longer prompt than the start-up probe saw) the batch is
+        split in two and the smaller size kept from then on."""
         try:
-            inputs = self.preprocess(pixels, prompt)
-            return self.postprocess(self.predict(inputs), inputs)
+            with torch.inference_mode():
+                return self._annotate_prompts(pixels, prompts)
         except torch.OutOfMemoryError:
             if len(pixels) == 1:
                 raise
@@ -168,11 +269,64 @@ class CaptionModel:
             half = (len(pixels) + 1) // 2
             self.batch_size = min(self.batch_size, half)
             log.warning("CUDA out of memory at batch %d; micro-batches now %d", len(pixels), half)
-            return self.generate(pixels[:half], prompt) + self.generate(pixels[half:], prompt)
+            first = self.annotate_prompts(pixels[:half], prompts)
+            second = self.annotate_prompts(pixels[half:], prompts)
+            return [a + b for a, b in zip(first, second, strict=True)]
 
-    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
-        """The runtime interface: one micro-batch's captions as annotations."""
-        return [Annotation(text) for text in self.generate(pixels, prompt)]
+    def _annotate_prompts(
+        self, pixels: Sequence[ModelPixels], prompts: Sequence[str]
+    ) -> list[list[Annotation]]:
+        encoded = self.encode(self._normalize(pixels))
+        scorer_embeds: torch.Tensor | None = None
+        if self.scorer is not None:
+            scorer_embeds = (
+                encoded.image_embeds if self.shares_vision else self.scorer.image_embeds(pixels)
+            )
+        results: list[list[Annotation]] = []
+        for prompt in prompts:
+            input_ids, attention_mask = self._prompt_ids(prompt)
+            count = len(pixels)
+            greedy = self._decode(
+                self._generate(
+                    encoded.language_inputs,
+                    input_ids.repeat(count, 1),
+                    attention_mask.repeat(count, 1),
+                    self._generate_options,
+                ),
+                input_ids.shape[1],
+            )
+            if self.scorer is None or scorer_embeds is None:
+                results.append([Annotation(text) for text in greedy])
+                continue
+            proposals = [
+                [text, *self._samples(encoded.language_inputs[i : i + 1], image, prompt)]
+                for i, (text, image) in enumerate(zip(greedy, pixels, strict=True))
+            ]
+            scores = self.scorer.score(scorer_embeds, proposals)
+            results.append(
+                [best_of(texts, found) for texts, found in zip(proposals, scores, strict=True)]
+            )
+        return results
+
+    def _samples(
+        self, language_inputs: torch.Tensor, pixels: ModelPixels, prompt: str
+    ) -> list[str]:
+        """`candidates - 1` nucleus samples for one image, seeded by its pixels and the prompt,
+        so the same image gets the same candidates in any batch, job or worker."""
+        count = self.candidates - 1
+        if count == 0:
+            return []
+        input_ids, attention_mask = self._prompt_ids(prompt)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sample_seed(pixels, prompt))
+            output = self._generate(
+                language_inputs.expand(count, -1, -1),
+                input_ids.repeat(count, 1),
+                attention_mask.repeat(count, 1),
+                self._sample_options,
+            )
+        return self._decode(output, input_ids.shape[1])
 
     def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
         """Captions for `pixels`, in order, in micro-batches of `batch_size`."""
@@ -233,3 +387,21 @@ class CaptionModel:
             size = min(size * 2, limit)
         torch.cuda.empty_cache()
         return best
+
+
+def sample_seed(pixels: ModelPixels, prompt: str) -> int:
+    """A seed from the image's model pixels and the prompt: reproducible per image."""
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes())
+    digest.update(prompt.encode())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
+def best_of(texts: Sequence[str], scores: Sequence[Score]) -> Annotation:
+    """The caption with the highest match probability (the first, greedy, on a tie), with
+    every candidate when there was more than one."""
+    best = max(range(len(texts)), key=lambda i: (scores[i].match, -i))
+    candidates = tuple(
+        Candidate(text, score.match, score.cosine)
+        for text, score in zip(texts, scores, strict=True)
+    ) if len(texts) > 1 else ()
+    return Annotation(texts[best], scores[best].match, scores[best].cosine, candidates)
