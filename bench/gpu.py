@@ -244,10 +244,10 @@ def main() -> None:
                 for uri in uris
             ]
             caption_stream(
-                states, PROMPT, runtime, stages, nullcontext(),
+                states, [PROMPT], runtime, stages, nullcontext(),
                 lookahead=max(2 * runtime.batch_size, settings.fetch_concurrency),
             )
-            return sum(state.caption is not None for state in states)
+            return sum(state.annotations is not None for state in states)
 
         ips, _ = timed(device, model, args.images, ours, False)
         _, busy = timed(device, model, args.images, ours, True)

@@ -15,6 +15,8 @@ STAGES = ("fetch", "decode", "generate", "write")
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 END_TO_END_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Probabilities: finer at the ends, where good (near 1) and bad (near 0) captions gather.
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 IMAGES = Counter(
     "captioner_images_total", "Images finished, by final status and queue.", ["status", "queue"]
@@ -41,6 +43,12 @@ END_TO_END_SECONDS = Histogram(
     "Seconds from enqueue to the image's row being written.",
     ["queue"],
     buckets=END_TO_END_BUCKETS,
+)
+MATCH_PROBABILITY = Histogram(
+    "captioner_caption_match_probability",
+    "ITM match probability of each kept caption, by captioning model and scorer.",
+    ["model", "scorer"],
+    buckets=SCORE_BUCKETS,
 )
 MODEL_LOADED = Gauge(
     "captioner_model_loaded", "1 once the model is loaded.", multiprocess_mode="max"

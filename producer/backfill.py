@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -64,8 +64,10 @@ def pending_items(
     settings: Settings,
     filters: Filters,
     done_ids: Callable[[list[str]], set[str]] | None,
+    prompts: Sequence[str] = ("",),
 ) -> tuple[list[JobItem], int]:
-    """Candidates of one listing page with no row yet for this model and prompt, and the
+    """Candidates of one listing page lacking a row for this model and any of `prompts`
+    (the job then covers them all: one vision pass makes the others nearly free), and the
     number of candidates. JobItems are built with `model_construct`: the values come from
     the listing (never user input) and the worker validates every message anyway."""
     items = [
@@ -76,11 +78,18 @@ def pending_items(
     candidates = len(items)
     if done_ids is None or not items:
         return items, candidates
-    model, prompt = settings.model, settings.prompt
-    ids = [row_id(item.uri, item.etag or "", model, prompt) for item in items]
-    done = done_ids(ids)
+    model = settings.model
+    ids = [
+        [row_id(item.uri, item.etag or "", model, prompt) for prompt in prompts]
+        for item in items
+    ]
+    done = done_ids([one for per_item in ids for one in per_item])
     if done:
-        items = [item for item, item_id in zip(items, ids, strict=True) if item_id not in done]
+        items = [
+            item
+            for item, per_item in zip(items, ids, strict=True)
+            if not done.issuperset(per_item)
+        ]
     return items, candidates
 
 
@@ -98,8 +107,10 @@ def backfill(
     pacing: Pacing | None = None,
     limit: int | None = None,
     on_progress: Callable[[Checkpoint], None] = lambda _checkpoint: None,
+    prompts: Sequence[str] | None = None,
 ) -> Checkpoint:
-    """List `source` after `checkpoint.last_key` and enqueue what is missing.
+    """List `source` after `checkpoint.last_key` and enqueue what is missing, for every
+    one of `prompts` (default: CAPTIONER_PROMPT alone).
 
     `sender=None` is a dry run (nothing sent, no checkpoint saved). The returned checkpoint
     is `finished` when the listing (or `limit`) was exhausted.
@@ -108,7 +119,7 @@ def backfill(
     pacing = pacing or Pacing()
     done_ids = results.existing_ids if results is not None else None
     bucket_uri_length = len(s3_uri(source.bucket, ""))
-    model, prompt = settings.model, settings.prompt
+    model, prompts = settings.model, tuple(prompts or (settings.prompt,))
     buffer: list[JobItem] = []
 
     def send(items: list[JobItem], last_key: str) -> None:
@@ -118,8 +129,8 @@ def backfill(
             if pacing.rate is not None:
                 pacing.rate.acquire(len(items))
             sender.send(
-                CaptionJob.model_construct(
-                    items=tuple(items), model=model, prompt=prompt, source="backfill",
+                CaptionJob.for_prompts(
+                    prompts, items=tuple(items), model=model, source="backfill",
                     enqueued_at=time.time(),
                 )
             )
@@ -132,7 +143,8 @@ def backfill(
     exhausted = True
     for page in _pages(list_pages, source, checkpoint.last_key):
         items, candidates = pending_items(
-            source.bucket, page, settings=settings, filters=filters, done_ids=done_ids
+            source.bucket, page, settings=settings, filters=filters, done_ids=done_ids,
+            prompts=prompts,
         )
         checkpoint.listed += len(page)
         checkpoint.images += candidates

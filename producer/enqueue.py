@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from types import TracebackType
 
@@ -19,10 +19,15 @@ def batched(items: Iterable[JobItem], size: int) -> Iterator[tuple[JobItem, ...]
 
 
 def make_jobs(
-    items: Iterable[JobItem], *, batch_size: int, model: str, prompt: str, source: Source
+    items: Iterable[JobItem],
+    *,
+    batch_size: int,
+    model: str,
+    prompts: Sequence[str],
+    source: Source,
 ) -> Iterator[CaptionJob]:
     for chunk in batched(items, batch_size):
-        yield CaptionJob(items=chunk, model=model, prompt=prompt, source=source)
+        yield CaptionJob.for_prompts(prompts, items=chunk, model=model, source=source)
 
 
 class JobSender:
@@ -70,10 +75,16 @@ def enqueue_uris(
     *,
     batch_size: int,
     source: Source = "cli",
+    prompts: Sequence[str] | None = None,
 ) -> None:
-    """Send the URIs as they come; validation of each URI is the worker's job (one row each)."""
+    """Send the URIs as they come; validation of each URI is the worker's job (one row each
+    per prompt). `prompts` default to CAPTIONER_PROMPT alone."""
     items = (JobItem(uri=uri) for uri in uris)
     for job in make_jobs(
-        items, batch_size=batch_size, model=settings.model, prompt=settings.prompt, source=source
+        items,
+        batch_size=batch_size,
+        model=settings.model,
+        prompts=prompts or (settings.prompt,),
+        source=source,
     ):
         sender.send(job)

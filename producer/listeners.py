@@ -54,7 +54,7 @@ class EventEnqueuer:
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,
                 model=self._settings.model,
-                prompt=self._settings.prompt,
+                prompts=(self._settings.prompt,),
                 source="event",
             ):
                 self._sender.send(job)

@@ -112,7 +112,7 @@ def test_malformed_jobs_are_rejected_with_a_reason(payload: object) -> None:
 
 def test_jobs_round_trip_and_batch() -> None:
     items = [JobItem(uri=f"s3://b/{i}.jpg") for i in range(70)]
-    jobs = list(make_jobs(items, batch_size=32, model="m", prompt="", source="backfill"))
+    jobs = list(make_jobs(items, batch_size=32, model="m", prompts=("",), source="backfill"))
     assert [len(job.items) for job in jobs] == [32, 32, 6]
     message = json.loads(json.dumps(jobs[0].to_message()))
     assert CaptionJob.from_message(message) == jobs[0]

@@ -27,6 +27,7 @@ from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
+from workers.runtimes.base import Annotation
 from workers.runtimes.blip2 import CaptionModel
 
 
@@ -43,7 +44,8 @@ class ItemState:
     width: int | None = None
     height: int | None = None
     pixels: ModelPixels | None = None
-    caption: str | None = None
+    # One per prompt of the job, in the job's order, once captioned.
+    annotations: list[Annotation] | None = None
     error: ImageError | None = None
 
     @property
@@ -127,16 +129,17 @@ def micro_batches(
 
 def caption_stream(
     states: Sequence[ItemState],
-    prompt: str,
+    prompts: Sequence[str],
     model: CaptionModel,
     stages: Stages,
     turn: AbstractContextManager[object],
     *,
     lookahead: int,
 ) -> None:
-    """Caption `states` as their pixels arrive, `lookahead` images prepared ahead. The model
-    (`turn`) is taken once the first batch is ready and held to the last, so the jobs in
-    flight finish in the order they got it."""
+    """Caption `states` with every one of `prompts` as their pixels arrive (one vision pass
+    per micro-batch), `lookahead` images prepared ahead. The model (`turn`) is taken once the
+    first batch is ready and held to the last, so the jobs in flight finish in the order
+    they got it."""
     batches = micro_batches(stages.stream(states, lookahead), lambda: model.batch_size)
     first = next(batches, None)
     if first is None:
@@ -144,7 +147,10 @@ def caption_stream(
     with turn:
         for batch in chain([first], batches):
             with metrics.STAGE_SECONDS.labels("generate").time():
-                captions = model.generate([s.pixels for s in batch if s.pixels is not None], prompt)
+                per_prompt = model.annotate_prompts(
+                    [s.pixels for s in batch if s.pixels is not None], prompts
+                )
             metrics.BATCH_SIZE.observe(len(batch))
-            for state, caption in zip(batch, captions, strict=True):
-                state.caption, state.pixels = caption, None
+            for i, state in enumerate(batch):
+                state.annotations = [annotations[i] for annotations in per_prompt]
+                state.pixels = None

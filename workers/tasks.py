@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from celery import Task
@@ -52,21 +53,38 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
         for state in states:
             state.error = state.error or mismatch
 
+    prompts = job.all_prompts
     caption_stream(
         [s for s in states if s.alive],
-        job.prompt,
+        prompts,
         ctx.model,
         ctx.stages,
         ctx.model_turn,
         lookahead=max(2 * ctx.model.batch_size, settings.fetch_concurrency),
     )
     finished = utcnow()
-    return [_row(state, job, ctx.name, finished) for state in states]
+    scorer = ctx.model.scorer.name if ctx.model.scorer is not None else None
+    return [
+        _row(state, job, prompt_index=index, worker=ctx.name, finished=finished, scorer=scorer)
+        for state in states
+        for index in range(len(prompts))
+    ]
 
 
-def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> CaptionRow:
+def _row(
+    state: ItemState,
+    job: CaptionJob,
+    *,
+    prompt_index: int,
+    worker: str,
+    finished: datetime,
+    scorer: str | None,
+) -> CaptionRow:
+    """The row of one (image, prompt): `ok` with its caption and scores, or `failed`."""
     location = state.location
-    status: Status = "ok" if state.alive and state.caption is not None else "failed"
+    annotation = state.annotations[prompt_index] if state.annotations else None
+    status: Status = "ok" if state.alive and annotation is not None else "failed"
+    ok = annotation if status == "ok" else None
     return CaptionRow(
         uri=state.item.uri,
         bucket=location.bucket if location else "",
@@ -74,9 +92,9 @@ def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> 
         etag=state.etag if state.etag is not None else (state.item.etag or ""),
         version_id=state.version_id or state.item.version_id,
         model=job.model,
-        prompt=job.prompt,
+        prompt=job.all_prompts[prompt_index],
         status=status,
-        caption=state.caption if status == "ok" else None,
+        caption=ok.text if ok else None,
         error=None if status == "ok" else describe(state.error),
         width=state.width,
         height=state.height,
@@ -84,6 +102,10 @@ def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> 
         enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
         finished_at=finished,
         worker=worker,
+        match_probability=ok.match_probability if ok else None,
+        itc_cosine=ok.itc_cosine if ok else None,
+        scorer=scorer if ok and ok.match_probability is not None else None,
+        candidates=[asdict(c) for c in ok.candidates] if ok and ok.candidates else None,
     )
 
 
@@ -138,6 +160,10 @@ def _record(rows: Sequence[CaptionRow], job: CaptionJob, queue: str) -> None:
     waited = max(0.0, utcnow().timestamp() - job.enqueued_at)
     for row in rows:
         metrics.IMAGES.labels(row.status, queue).inc()
+        if row.match_probability is not None:
+            metrics.MATCH_PROBABILITY.labels(row.model, row.scorer or "").observe(
+                row.match_probability
+            )
         metrics.END_TO_END_SECONDS.labels(queue).observe(waited)
         if row.status == "failed" and row.error:
             metrics.IMAGE_ERRORS.labels(row.error.split(":", 1)[0]).inc()
