@@ -117,9 +117,13 @@ def row_id(uri: str, etag: str, model: str, prompt: str) -> str:
     return hashlib.sha256(f"{uri}\0{etag}\0{model}\0{prompt}".encode()).hexdigest()
 
 
-def sidecar_key(prefix: str, row: CaptionRow) -> str:
-    """`<prefix>/<source bucket>/<source key>.json`; local files go under `_local/`."""
+def sidecar_key(prefix: str, row: CaptionRow, *, extra_prompt: bool = False) -> str:
+    """`<prefix>/<source bucket>/<source key>.json`; local files go under `_local/`. The rows
+    of a job's second and later prompts go next to it, in `<source key>.<12 hex digits of the
+    prompt's sha256>.json`, so one image's prompts never overwrite each other."""
     source = f"{row.bucket}/{row.key}" if row.bucket else f"_local{row.key}"
+    if extra_prompt:
+        source += "." + hashlib.sha256(row.prompt.encode()).hexdigest()[:12]
     return f"{prefix.strip('/')}/{source}.json".lstrip("/")
 
 

@@ -13,6 +13,13 @@ def positive(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be a probability between 0 and 1")
+    return value
+
+
 def since_date(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)

@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from captioning.errors import ConfigError
-from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
+from captioning.messages import (
+    BULK_QUEUE,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPTS_PER_JOB,
+    REALTIME_QUEUE,
+    WORK_QUEUES,
+)
 from captioning.results import ResultsStore
 from captioning.settings import get_settings
 from cli.arguments import per_second, positive, since_date
@@ -25,6 +31,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue.add_argument("--from-file", metavar="F", help="read URIs, one per line ('-' = stdin)")
     enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_prompt_argument(enqueue)
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
@@ -33,7 +40,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-        help="skip images that already have a row for this model and prompt (default: on)",
+        help="skip images that already have a row for this model and every prompt "
+        "(default: on)",
     )
     backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
     backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
@@ -53,7 +61,28 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                           help="enqueue at most N images per second")
     backfill.add_argument("--total", type=positive, metavar="OBJECTS",
                           help="objects expected under the prefix, for the progress ETA")
+    add_prompt_argument(backfill)
     backfill.set_defaults(run=cmd_backfill)
+
+
+def add_prompt_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt", action="append", dest="prompts", metavar="TEXT",
+        help="caption with this prompt; repeat for several (one row each, one fetch and "
+        f"vision pass per image; at most {MAX_PROMPTS_PER_JOB}). Default: CAPTIONER_PROMPT",
+    )
+
+
+def job_prompts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The --prompt values, checked here so a bad list is a usage error, not a dead job."""
+    if not args.prompts:
+        return None
+    prompts = tuple(args.prompts)
+    if len(set(prompts)) != len(prompts) or len(prompts) > MAX_PROMPTS_PER_JOB:
+        raise ConfigError(f"--prompt: give up to {MAX_PROMPTS_PER_JOB} different prompts")
+    if any(len(prompt) > MAX_PROMPT_CHARS for prompt in prompts):
+        raise ConfigError(f"--prompt: at most {MAX_PROMPT_CHARS} characters each")
+    return prompts
 
 
 def read_uris(args: argparse.Namespace) -> Iterator[str]:
@@ -74,7 +103,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
     with JobSender(create_app(settings), args.queue) as sender:
-        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
+        enqueue_uris(
+            read_uris(args), sender, settings, batch_size=args.batch_size,
+            prompts=job_prompts(args),
+        )
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
@@ -90,6 +122,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from producer.progress import Progress
 
     settings = get_settings()
+    prompts = job_prompts(args)
     source = parse_prefix(args.prefix)
     if source.scheme != "s3":
         raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
@@ -127,6 +160,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             checkpoints=checkpoints, pacing=pacing, limit=args.limit,
             filters=Filters(prefix=source.key, since=args.since, match=args.match),
             on_progress=lambda cp: progress.update(cp, paused()),
+            prompts=prompts,
         )
 
     try:

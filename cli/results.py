@@ -11,7 +11,7 @@ from typing import TextIO
 
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import get_settings
-from cli.arguments import positive
+from cli.arguments import positive, probability
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -20,12 +20,17 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
     results.add_argument("--status", choices=("ok", "failed"))
     results.add_argument("--limit", type=positive)
+    results.add_argument(
+        "--min-score", type=probability, metavar="P",
+        help="only rows whose caption the scorer matched with probability >= P (0..1); "
+        "unscored rows are left out",
+    )
     results.set_defaults(run=cmd_results)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     rows = ResultsStore(get_settings().database_url).rows(
-        prefix=args.prefix, status=args.status, limit=args.limit
+        prefix=args.prefix, status=args.status, limit=args.limit, min_score=args.min_score
     )
     write_rows(rows, args.format, sys.stdout)
     return 0
@@ -39,17 +44,23 @@ def write_rows(rows: Iterable[CaptionRow], fmt: str, out: TextIO) -> None:
     elif fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(CaptionRow.__dataclass_fields__))
         writer.writeheader()
-        writer.writerows(records)
+        for record in records:  # the candidates list as JSON text in its cell
+            if record["candidates"] is not None:
+                record["candidates"] = json.dumps(record["candidates"], ensure_ascii=False)
+            writer.writerow(record)
     else:
         out.write(format_table(records))
 
 
 def format_table(records: Sequence[dict[str, object]]) -> str:
-    columns = ("status", "uri", "caption / error")
+    """Status, uri, caption or error; a score column when any row was scored."""
+    scored = any(r["match_probability"] is not None for r in records)
+    columns = ("status", "uri", *(("score",) if scored else ()), "caption / error")
     cells = [
         (
             str(r["status"]),
             shorten(str(r["uri"]), 60, keep_end=True),
+            *((score_cell(r["match_probability"]),) if scored else ()),
             shorten(str(r["caption"] if r["status"] == "ok" else r["error"]), 70),
         )
         for r in records
@@ -59,6 +70,10 @@ def format_table(records: Sequence[dict[str, object]]) -> str:
     body = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)
     return f"{body}\n({len(records)} rows)\n"
+
+
+def score_cell(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "-"
 
 
 def shorten(text: str, width: int, *, keep_end: bool = False) -> str:

@@ -87,10 +87,10 @@ def split_job(job: CaptionJob, size: int) -> Iterator[CaptionJob]:
 
 
 def lost_rows(job: CaptionJob, error: WorkerLost, worker: str) -> list[CaptionRow]:
-    """One `failed` row per item of a job that is not run again, saying why."""
+    """One `failed` row per item and prompt of a job that is not run again, saying why."""
     finished = utcnow()
     rows = []
-    for item in job.items:
+    for item, prompt in ((item, prompt) for item in job.items for prompt in job.all_prompts):
         try:
             location = parse_uri(item.uri)
             bucket, key = location.bucket, location.key
@@ -99,7 +99,7 @@ def lost_rows(job: CaptionJob, error: WorkerLost, worker: str) -> list[CaptionRo
         rows.append(
             CaptionRow(
                 uri=item.uri, bucket=bucket, key=key, etag=item.etag or "",
-                version_id=item.version_id, model=job.model, prompt=job.prompt,
+                version_id=item.version_id, model=job.model, prompt=prompt,
                 status="failed", caption=None, error=f"WorkerLost: {error}",
                 width=None, height=None, bytes=None,
                 enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
@@ -187,7 +187,7 @@ class GuardedTask(Task):
             "it is not run again"
         )
         ctx = get_context(settings)
-        ctx.writer.write(lost_rows(job, error, ctx.name))
+        ctx.writer.write(lost_rows(job, error, ctx.name), main_prompt=job.all_prompts[0])
         log.error("job %s: %s; recorded as failed", task_id, error)
         metrics.JOBS.labels("lost", queue).inc()
         metrics.IMAGES.labels("failed", queue).inc(len(job.items))

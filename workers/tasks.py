@@ -135,7 +135,7 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
         ctx = get_context(settings)
         rows = process_job(job, ctx)
         with metrics.STAGE_SECONDS.labels("write").time():
-            ctx.writer.write(rows)
+            ctx.writer.write(rows, main_prompt=job.all_prompts[0])
     except Exception as exc:  # any failure is retried, then dead-lettered, never acked as done
         if self.request.retries >= MAX_JOB_RETRIES:
             DeadLetters(settings.broker_url).push(payload, reason=describe(exc), queue=queue)
