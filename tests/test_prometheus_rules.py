@@ -37,6 +37,7 @@ REQUIRED_ALERTS = {
     "CaptionerWorkerDown",
     "CaptionerNoWorkerWhileWorkWaits",
     "CaptionerDeadLetters",
+    "CaptionerCaptionScoreDrop",
 }
 # The metrics contract (worker :9808, exporter :9809); anything else a query names must be a
 # recording rule of ours, a Prometheus built-in, or kube-state-metrics.
@@ -44,7 +45,7 @@ CONTRACT_METRICS = {
     "captioner_images_total", "captioner_image_errors_total", "captioner_jobs_total",
     "captioner_batch_size_images", "captioner_stage_seconds", "captioner_end_to_end_seconds",
     "captioner_model_loaded", "captioner_model_warmed", "captioner_gpu_memory_bytes",
-    "captioner_build_info",
+    "captioner_build_info", "captioner_caption_match_probability",
     "captioner_queue_messages", "captioner_queue_images", "captioner_queue_oldest_age_seconds",
     "captioner_inflight_messages", "captioner_inflight_images", "captioner_dead_letter_messages",
 }
