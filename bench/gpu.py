@@ -12,6 +12,7 @@ generate(). `--scale small` keeps the layout but shrinks every width and depth, 
 
     .venv/bin/python -m bench.gpu                       # on a GPU: the real 2.7b sizes
     .venv/bin/python -m bench.gpu --scale small --device cpu --images 16 --naive-images 4
+    .venv/bin/python -m bench.gpu --capfilt             # bench.capfilt's table, real sizes
 """
 
 from __future__ import annotations
@@ -190,7 +191,19 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=32)
     parser.add_argument("--hf-batch", type=int, default=16, help="plain HF fp16 batch size")
     parser.add_argument("--megapixels", type=float, default=2.0, help="size of the test JPEGs")
+    parser.add_argument("--capfilt", action="store_true",
+                        help="instead: the cost of scores, candidates and prompts (bench.capfilt)")
     args = parser.parse_args()
+    if args.capfilt:
+        from bench.capfilt import table  # bench.capfilt builds its models with build() above
+
+        table(args.scale, torch.device(args.device), args.images, NEW_TOKENS)
+    else:
+        runtime_table(args)
+
+
+def runtime_table(args: argparse.Namespace) -> None:
+    """naive vs plain HF vs the worker's runtime."""
     device = torch.device(args.device)
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
 

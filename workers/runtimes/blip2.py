@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers import (
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 from transformers.utils import logging as hf_logging
 
 from captioning.errors import ModelLoadError
@@ -80,12 +85,7 @@ class CaptionModel:
         }
         if settings.static_cache:
             self._generate_options["cache_implementation"] = "static"
-        self._sample_options: dict[str, object] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "do_sample": True,
-            "top_p": settings.top_p,
-            "temperature": settings.temperature,
-        }
+        self._top_p, self._temperature = settings.top_p, settings.temperature
         self.candidates = settings.candidates
         self.scorer: ScoreModel | None = None
         self.shares_vision = False
@@ -298,10 +298,8 @@ class CaptionModel:
             if self.scorer is None or scorer_embeds is None:
                 results.append([Annotation(text) for text in greedy])
                 continue
-            proposals = [
-                [text, *self._samples(encoded.language_inputs[i : i + 1], image, prompt)]
-                for i, (text, image) in enumerate(zip(greedy, pixels, strict=True))
-            ]
+            samples = self._samples(encoded.language_inputs, pixels, prompt)
+            proposals = [[text, *more] for text, more in zip(greedy, samples, strict=True)]
             scores = self.scorer.score(scorer_embeds, proposals)
             results.append(
                 [best_of(texts, found) for texts, found in zip(proposals, scores, strict=True)]
@@ -309,24 +307,33 @@ class CaptionModel:
         return results
 
     def _samples(
-        self, language_inputs: torch.Tensor, pixels: ModelPixels, prompt: str
-    ) -> list[str]:
-        """`candidates - 1` nucleus samples for one image, seeded by its pixels and the prompt,
-        so the same image gets the same candidates in any batch, job or worker."""
+        self, language_inputs: torch.Tensor, pixels: Sequence[ModelPixels], prompt: str
+    ) -> list[list[str]]:
+        """`candidates - 1` nucleus samples per image, all images in one generate() call,
+        each row drawing from its own generator seeded by the image's pixels and the prompt:
+        the same image gets the same candidates in any batch, job or worker."""
         count = self.candidates - 1
         if count == 0:
-            return []
+            return [[] for _ in pixels]
+        seeds = [
+            sample_seed(image, prompt) + n for image in pixels for n in range(count)
+        ]
         input_ids, attention_mask = self._prompt_ids(prompt)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(sample_seed(pixels, prompt))
-            output = self._generate(
-                language_inputs.expand(count, -1, -1),
-                input_ids.repeat(count, 1),
-                attention_mask.repeat(count, 1),
-                self._sample_options,
-            )
-        return self._decode(output, input_ids.shape[1])
+        rows = len(seeds)
+        output = self._generate(
+            language_inputs.repeat_interleave(count, dim=0),
+            input_ids.repeat(rows, 1),
+            attention_mask.repeat(rows, 1),
+            {
+                **self._generate_options,
+                "num_beams": 1,
+                "logits_processor": LogitsProcessorList([
+                    SeededNucleusSampling(seeds, self._top_p, self._temperature, self.device)
+                ]),
+            },
+        )
+        texts = self._decode(output, input_ids.shape[1])
+        return [texts[i * count : (i + 1) * count] for i in range(len(pixels))]
 
     def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
         """Captions for `pixels`, in order, in micro-batches of `batch_size`."""
@@ -387,6 +394,33 @@ class CaptionModel:
             size = min(size * 2, limit)
         torch.cuda.empty_cache()
         return best
+
+
+class SeededNucleusSampling(LogitsProcessor):
+    """Nucleus sampling (temperature, then the smallest set of tokens holding `top_p` of the
+    probability) with one generator per row, so a row's draws depend on its seed alone. It
+    returns the drawn token as the only finite logit, for greedy search to take: HF's own
+    sampling draws every row from one global generator, so a row's result would depend on
+    what else shares its batch."""
+
+    def __init__(
+        self, seeds: Sequence[int], top_p: float, temperature: float, device: torch.device
+    ) -> None:
+        self._generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self._top_p = top_p
+        self._temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self._temperature, dim=-1)
+        ranked, order = probs.sort(dim=-1, descending=True)
+        outside = ranked.cumsum(dim=-1) - ranked > self._top_p  # the top token always stays
+        ranked = ranked.masked_fill(outside, 0.0)
+        picks = torch.stack([
+            torch.multinomial(row, 1, generator=generator)
+            for row, generator in zip(ranked, self._generators, strict=True)
+        ])
+        tokens = order.gather(-1, picks)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
 
 def sample_seed(pixels: ModelPixels, prompt: str) -> int:
