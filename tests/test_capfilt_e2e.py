@@ -19,6 +19,7 @@ from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from tests.conftest import free_port, settings_env, wait_for_log, wait_for_rows
 from tests.imagefactory import hostile_files, photo_bytes
+from tests.test_pipeline import captioner
 from workers.runtimes.tiny import TINY_SCORER
 
 QUESTION = "Question: what is the style of this image? Answer:"
@@ -54,15 +55,6 @@ def scoring_worker(
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-
-
-def captioner(settings: Settings, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=settings_env(settings),
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def test_two_prompts_scored_with_candidates_into_rows_and_sidecars(
