@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +13,7 @@ import pytest
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, inspect
 
 from captioning.results import CaptionRow, ResultsStore, captions
+from cli.results import format_table, write_rows
 
 SCORE_COLUMNS = {"match_probability", "itc_cosine", "scorer", "candidates"}
 
@@ -79,3 +83,17 @@ def test_upgrade_adds_score_columns_and_keeps_old_rows(database_url: str) -> Non
     assert [essence(r) for r in store.rows(min_score=0.5)] == [essence(new)]
     assert [r.uri for r in store.rows()] == ["s3://b/low.jpg", "s3://b/new.jpg", "s3://b/old.jpg"]
     store.dispose()
+
+
+def test_results_output_shows_scores_and_candidates() -> None:
+    candidates = [{"text": "a cat", "match_probability": 0.9, "itc_cosine": 0.3}]
+    rows = [row("s3://b/new.jpg", match_probability=0.9, itc_cosine=0.3, scorer="itm",
+                candidates=candidates), row("s3://b/old.jpg")]
+    table = format_table([r.to_json() for r in rows])
+    assert table.splitlines()[0].split() == ["status", "uri", "score", "caption", "/", "error"]
+    assert "0.900" in table.splitlines()[2] and " - " in table.splitlines()[3]
+    assert "score" not in format_table([rows[1].to_json()])
+    out = io.StringIO()
+    write_rows(rows, "csv", out)
+    records = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert json.loads(records[0]["candidates"]) == candidates and records[1]["candidates"] == ""
