@@ -66,7 +66,7 @@ class Worker:
     def start(self, *, ready_timeout: float = 120) -> Worker:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO",
+                [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO",
                  "--concurrency", str(self.concurrency)],
                 env=dict(self.env), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
