@@ -80,8 +80,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import create_app
     from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.connections import redis_client
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
     from producer.backfill import Filters, Pacing, backfill

@@ -80,7 +80,8 @@ def cmd_listen_webhook(args: argparse.Namespace) -> int:
 @contextmanager
 def event_batcher(args: argparse.Namespace) -> Iterator[LingerBatcher]:
     """Sender, deduper and batcher for a listener; flushes what is waiting on the way out."""
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import create_app
+    from captioning.connections import redis_client
     from producer.batcher import LingerBatcher
     from producer.dedupe import Deduper
     from producer.enqueue import JobSender

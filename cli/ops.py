@@ -51,9 +51,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     import redis
 
+    from captioning.connections import redis_client
     from captioning.health import is_healthy, read_health
 
-    client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=3)
+    # No retries: the probe has its own deadline (timeoutSeconds) and kubelet runs it again.
+    client = redis_client(get_settings().broker_url, retries=0, timeout_s=3)
     try:
         health = read_health(client, socket.gethostname())
     except redis.RedisError as exc:

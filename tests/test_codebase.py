@@ -85,6 +85,16 @@ def bare_client_calls(tree: ast.Module) -> Iterator[int]:
             yield node.lineno
 
 
+def test_redis_clients_come_only_from_the_factory() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path, tree in shipped_modules()
+        if path != CONNECTIONS_MODULE
+        for line in bare_client_calls(tree)
+    ]
+    assert found == [], "open Redis clients with captioning.connections.redis_client"
+
+
 def test_bare_client_check_sees_every_spelling() -> None:
     source = (
         "import redis\nfrom redis import Redis\n"
