@@ -59,7 +59,8 @@ def cmd_listen_sqs(args: argparse.Namespace) -> int:
 def cmd_listen_webhook(args: argparse.Namespace) -> int:
     from producer.listeners import WebhookServer
 
-    secret = get_settings().webhook_secret
+    settings = get_settings()
+    secret = settings.webhook_secret
     if secret is None or not secret.get_secret_value():
         raise ConfigError(
             "set CAPTIONER_WEBHOOK_SECRET: senders must present it as "
@@ -68,7 +69,7 @@ def cmd_listen_webhook(args: argparse.Namespace) -> int:
     with event_batcher(args) as batcher:
         server = WebhookServer(
             (args.host, args.port), batcher, secret=secret.get_secret_value(),
-            max_body_bytes=args.max_body_bytes,
+            socket_timeout_s=settings.webhook_timeout_s, max_body_bytes=args.max_body_bytes,
         )
         stop_on_signals(lambda: threading.Thread(target=server.shutdown).start())
         log.info("webhook listening on %s:%d", args.host, server.server_address[1])
