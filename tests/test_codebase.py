@@ -1,9 +1,11 @@
-"""Checks on the code itself: one place for Redis key names and for Redis clients."""
+"""Checks on the code and the build: one place for Redis key names and for Redis clients;
+the Makefile installs the CPU torch, as the Dockerfile does."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +104,16 @@ def test_bare_client_check_sees_every_spelling() -> None:
         "d = redis.StrictRedis()\ne = redis.ConnectionPool.from_url(u)\nf = other.from_url(u)\n"
     )
     assert list(bare_client_calls(ast.parse(source))) == [3, 4, 5, 6, 7]
+
+
+def test_make_installs_torch_from_the_same_cpu_index_as_the_dockerfile(tmp_path: Path) -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile, re.MULTILINE)
+    assert index and index[1].endswith("/whl/cpu")
+    venv = tmp_path / "venv"
+    planned = subprocess.run(  # -n: print the recipe, run nothing
+        ["make", "-n", "-B", f"VENV={venv}", f"{venv}/.installed"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    (torch_install,) = [line for line in planned.splitlines() if "torch==" in line]
+    assert f'--extra-index-url "{index[1]}"' in torch_install
