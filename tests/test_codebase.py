@@ -1,13 +1,21 @@
 """Checks on the code and the build: one place for Redis key names and for Redis clients;
-the Makefile installs the CPU torch, as the Dockerfile does."""
+every import declared in pyproject.toml with bounds; the Makefile installs the CPU torch,
+as the Dockerfile does."""
 
 from __future__ import annotations
 
 import ast
 import re
 import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
+from importlib.metadata import packages_distributions, version
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from captioning import keys
 from captioning.broker import celery_config
@@ -19,10 +27,17 @@ SHIPPED = ("captioning", "producer", "workers", "cli")
 KEY_LIKE = re.compile(r"captioner:\S")
 KEYS_MODULE = ROOT / "captioning" / "keys.py"
 CONNECTIONS_MODULE = ROOT / "captioning" / "connections.py"
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+#: What installing captioner brings: the core and the extras a user asks for (not `dev`).
+RUNTIME = [
+    Requirement(line)
+    for line in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["demo"]
+]
+EVERYTHING = RUNTIME + [Requirement(line) for line in PROJECT["optional-dependencies"]["dev"]]
 
 
-def shipped_modules() -> Iterator[tuple[Path, ast.Module]]:
-    for package in SHIPPED:
+def shipped_modules(packages: tuple[str, ...] = SHIPPED) -> Iterator[tuple[Path, ast.Module]]:
+    for package in packages:
         for path in sorted((ROOT / package).rglob("*.py")):
             yield path, ast.parse(path.read_text(), filename=str(path))
 
@@ -117,3 +132,68 @@ def test_make_installs_torch_from_the_same_cpu_index_as_the_dockerfile(tmp_path:
     ).stdout
     (torch_install,) = [line for line in planned.splitlines() if "torch==" in line]
     assert f'--extra-index-url "{index[1]}"' in torch_install
+
+
+def third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level module name -> the files importing it, for what is neither stdlib nor ours."""
+    ours = {*SHIPPED, "tests", "bench"}
+    found: dict[str, set[str]] = {}
+    for path, tree in shipped_modules(packages):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.partition(".")[0]
+                if top not in sys.stdlib_module_names and top not in ours:
+                    found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def undeclared(imports: dict[str, set[str]], declared: list[Requirement]) -> dict[str, set[str]]:
+    names = {canonicalize_name(req.name) for req in declared}
+    providers = packages_distributions()
+    return {
+        module: where for module, where in imports.items()
+        if not {canonicalize_name(dist) for dist in providers.get(module, [])} & names
+    }
+
+
+def test_shipped_code_imports_only_declared_runtime_dependencies() -> None:
+    imports = third_party_imports(SHIPPED)
+    assert {"numpy", "huggingface_hub", "tokenizers", "kombu", "botocore"} <= set(imports)
+    assert undeclared(imports, RUNTIME) == {}
+
+
+def test_tests_and_benchmarks_import_only_declared_dependencies() -> None:
+    assert undeclared(third_party_imports(("tests", "bench")), EVERYTHING) == {}
+
+
+def test_runtime_dependencies_are_bounded_and_installed_within_their_bounds() -> None:
+    for req in RUNTIME:
+        operators = {spec.operator for spec in req.specifier}
+        assert operators & {">=", ">", "~=", "=="}, f"{req} has no lower bound"
+        assert operators & {"<", "<=", "~=", "=="}, f"{req} has no upper bound"
+        assert req.specifier.contains(version(req.name), prereleases=True), (
+            f"installed {req.name} {version(req.name)} is outside {req}"
+        )
+
+
+def test_kombu_is_pinned_to_the_minor_whose_private_format_we_read() -> None:
+    """captioning/queues.py parses kombu's envelopes and unacked entries, and
+    captioning/transport.py overrides a private method of its Redis channel."""
+    (kombu,) = [req for req in RUNTIME if req.name == "kombu"]
+    lower = [Version(spec.version) for spec in kombu.specifier if spec.operator == ">="]
+    upper = [Version(spec.version) for spec in kombu.specifier if spec.operator == "<"]
+    assert len(lower) == len(upper) == 1
+    major, minor = lower[0].release[:2]
+    assert upper[0].release[:2] == (major, minor + 1)
+    assert Version(version("kombu")).release[:2] == (major, minor)
+
+
+def test_undeclared_import_check_sees_a_missing_declaration() -> None:
+    imports = {"numpy": {"x.py"}, "yaml": {"y.py"}}
+    assert undeclared(imports, [Requirement("numpy>=1")]) == {"yaml": {"y.py"}}
