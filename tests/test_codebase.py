@@ -4,6 +4,7 @@ as the Dockerfile does."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import subprocess
@@ -20,6 +21,7 @@ from packaging.version import Version
 from captioning import keys
 from captioning.broker import celery_config
 from captioning.settings import Settings
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("captioning", "producer", "workers", "cli")
@@ -197,3 +199,25 @@ def test_kombu_is_pinned_to_the_minor_whose_private_format_we_read() -> None:
 def test_undeclared_import_check_sees_a_missing_declaration() -> None:
     imports = {"numpy": {"x.py"}, "yaml": {"y.py"}}
     assert undeclared(imports, [Requirement("numpy>=1")]) == {"yaml": {"y.py"}}
+
+
+def parser_entries(parser: argparse.ArgumentParser, command: str) -> Iterator[tuple[str, str]]:
+    """(what, its help) for every subcommand, option and argument, all levels down."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                yield f"{command} {name}", helps.get(name) or ""
+                yield from parser_entries(subparser, f"{command} {name}")
+            continue
+        what = "/".join(action.option_strings) or action.dest
+        yield f"{command} {what}", action.help or ""
+
+
+def test_every_cli_command_option_and_argument_has_help() -> None:
+    entries = list(parser_entries(build_parser(), "captioner"))
+    assert len(entries) > 50
+    missing = [what for what, text in entries if not text or text == argparse.SUPPRESS]
+    assert missing == []
