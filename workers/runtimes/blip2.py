@@ -176,9 +176,12 @@ class CaptionModel:
         }
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one runtime per process, lives as long
-    def _prompt_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_ids(self, *prompts: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row per prompt, padded to the longest on the tokenizer's side."""
         blank = Image.new("RGB", (self.image_size, self.image_size))
-        encoded = self.processor(images=[blank], text=[prompt], return_tensors="pt")
+        encoded = self.processor(
+            images=[blank] * len(prompts), text=list(prompts), padding=True, return_tensors="pt"
+        )
         return (
             encoded["input_ids"].to(self.device),
             encoded["attention_mask"].to(self.device),
@@ -282,29 +285,35 @@ class CaptionModel:
             scorer_embeds = (
                 encoded.image_embeds if self.shares_vision else self.scorer.image_embeds(pixels)
             )
+        greedy = self._greedy(encoded.language_inputs, prompts)
         results: list[list[Annotation]] = []
-        for prompt in prompts:
-            input_ids, attention_mask = self._prompt_ids(prompt)
-            count = len(pixels)
-            greedy = self._decode(
-                self._generate(
-                    encoded.language_inputs,
-                    input_ids.repeat(count, 1),
-                    attention_mask.repeat(count, 1),
-                    self._generate_options,
-                ),
-                input_ids.shape[1],
-            )
+        for prompt, captions in zip(prompts, greedy, strict=True):
             if self.scorer is None or scorer_embeds is None:
-                results.append([Annotation(text) for text in greedy])
+                results.append([Annotation(text) for text in captions])
                 continue
             samples = self._samples(encoded.language_inputs, pixels, prompt)
-            proposals = [[text, *more] for text, more in zip(greedy, samples, strict=True)]
+            proposals = [[text, *more] for text, more in zip(captions, samples, strict=True)]
             scores = self.scorer.score(scorer_embeds, proposals)
             results.append(
                 [best_of(texts, found) for texts, found in zip(proposals, scores, strict=True)]
             )
         return results
+
+    def _greedy(self, language_inputs: torch.Tensor, prompts: Sequence[str]) -> list[list[str]]:
+        """Captions per prompt, then per image: every (prompt, image) pair in one generate()
+        call, prompts padded to one length (a bigger batch keeps the device busier)."""
+        input_ids, attention_mask = self._prompt_ids(*prompts)
+        count = language_inputs.shape[0]
+        texts = self._decode(
+            self._generate(
+                language_inputs.repeat(len(prompts), 1, 1),
+                input_ids.repeat_interleave(count, dim=0),
+                attention_mask.repeat_interleave(count, dim=0),
+                self._generate_options,
+            ),
+            input_ids.shape[1],
+        )
+        return [texts[p * count : (p + 1) * count] for p in range(len(prompts))]
 
     def _samples(
         self, language_inputs: torch.Tensor, pixels: Sequence[ModelPixels], prompt: str
