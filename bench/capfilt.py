@@ -19,6 +19,7 @@ same): `tiny` (the test twins), `small` (BLIP-2 OPT-2.7b's layout, shrunk for a 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -115,7 +116,9 @@ def fixed_length(captioner: CaptionModel, new_tokens: int) -> None:
     captioner._generate_options["min_new_tokens"] = new_tokens
 
 
-def table(scale: str, device: torch.device, images: int, new_tokens: int) -> None:
+def table(
+    scale: str, device: torch.device, images: int, new_tokens: int, rounds: int = 3
+) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     photos = jpegs(0.5)
     with tempfile.TemporaryDirectory(prefix="bench-capfilt-") as tmp_name:
@@ -162,18 +165,22 @@ def table(scale: str, device: torch.device, images: int, new_tokens: int) -> Non
             ("3 jobs of 1 prompt", lambda: setup(None, 1),
              lambda: sum(stream([prompt]) for prompt in PROMPTS)),
         ]
-        results: dict[str, float] = {}
-        for label, prepare, run in cases:
+        for _, prepare, run in cases:  # warm-up: kernels, allocator, tokenized prompts
             prepare()
-            run()  # warm-up: kernels, allocator, tokenized prompts
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            rows = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            results[label] = images / (time.perf_counter() - start)
-            assert rows == images * (3 if "prompt" in label else 1), (label, rows)
+            run()
+        # Interleaved rounds, the median of each case: the load of a shared machine drifts
+        # over a run, and a case measured in one stretch would carry its drift.
+        timings: dict[str, list[float]] = {label: [] for label, _, _ in cases}
+        for _ in range(rounds):
+            for label, prepare, run in cases:
+                prepare()
+                start = time.perf_counter()
+                rows = run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings[label].append(images / (time.perf_counter() - start))
+                assert rows == images * (3 if "prompt" in label else 1), (label, rows)
+        results = {label: statistics.median(found) for label, found in timings.items()}
         io_pool.shutdown()
         decode_pool.shutdown()
 
@@ -181,7 +188,7 @@ def table(scale: str, device: torch.device, images: int, new_tokens: int) -> Non
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"bench.capfilt scale={scale} (captioner {params:.1f} M params, random weights), "
           f"{images} images (0.5 MP JPEG), {new_tokens} new tokens, {dtype}, on {name}, "
-          f"in-process, torch {torch.__version__}")
+          f"in-process, median of {rounds} interleaved rounds, torch {torch.__version__}")
     print(f"{'case':<22} {'images/s':>9} {'vs caption only':>16}")
     base = results["caption only"]
     for label, ips in results.items():
@@ -198,8 +205,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    table(args.scale, torch.device(args.device), args.images, args.new_tokens)
+    table(args.scale, torch.device(args.device), args.images, args.new_tokens, args.rounds)
 
 
 if __name__ == "__main__":
