@@ -3,5 +3,6 @@
 base.py     the interface every kind implements and the Annotation it returns
 loading.py  where weights come from (HF id, local directory, cache, offline) and on what device
 tiny.py     the tiny random twins of every kind, for tests and offline demos
-blip2.py    BLIP-2 captions
+blip2.py    BLIP-2 captions (several prompts and CapFilt candidates from one vision pass)
+itm.py      BLIP-2 image-text matching: the match probability and cosine of each caption
 """
