@@ -6,14 +6,18 @@ Producers only send with it; workers add the task and process hooks (workers/app
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from captioning.errors import BrokerUnavailable
 from captioning.messages import BULK_QUEUE, TASK_NAME
 from captioning.settings import Settings
 
@@ -23,6 +27,16 @@ PUBLISH_RETRY_POLICY = {
     "max_retries": 25,
     "interval_start": 0.2,
     "interval_step": 0.5,
+    "interval_max": 3.0,
+}
+
+#: One-shot commands (enqueue, backfill, dead requeue) give up after ~10 s of retries:
+#: long enough for a Redis restart, short enough that a wrong CAPTIONER_BROKER_URL is
+#: reported while the user is still looking.
+COMMAND_PUBLISH_RETRY_POLICY = {
+    "max_retries": 5,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
     "interval_max": 3.0,
 }
 
@@ -93,10 +107,27 @@ def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-def create_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
+def create_app(
+    settings: Settings,
+    *,
+    include: tuple[str, ...] = (),
+    publish_retry: dict[str, float] = PUBLISH_RETRY_POLICY,
+) -> Celery:
     app = Celery("captioner", broker=settings.broker_url, include=list(include))
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings), task_publish_retry_policy=publish_retry)
     return app
+
+
+@contextmanager
+def broker_errors() -> Iterator[None]:
+    """Redis and kombu connection errors, wherever a command meets them, as BrokerUnavailable."""
+    try:
+        yield
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(f"Redis refused our credentials ({exc})") from exc
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BrokerUnavailable(f"Redis unreachable ({reason})") from exc
 
 
 def redis_client(broker_url: str) -> redis.Redis:

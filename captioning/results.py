@@ -127,8 +127,12 @@ def normalize_database_url(url: str) -> str:
 class ResultsStore:
     def __init__(self, database_url: str) -> None:
         url = normalize_database_url(database_url)
+        # A host that drops packets fails in 10 s, not after the kernel's two minutes.
+        connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
         try:
-            self.engine: Engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800)
+            self.engine: Engine = create_engine(
+                url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
+            )
         except Exception as exc:
             raise ConfigError(f"CAPTIONER_DATABASE_URL is not usable: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
@@ -145,8 +149,9 @@ class ResultsStore:
             lost = isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
             if not lost:
                 raise
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
             raise DatabaseUnavailable(
-                f"results database unavailable: {type(exc.orig).__name__}"
+                f"results database unavailable ({type(exc.orig).__name__}: {reason})"
             ) from exc
 
     def create_schema(self) -> None:

@@ -12,8 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from captioning.errors import ConfigError
 
 MiB = 1024 * 1024
 JOB_FIXED_COST_S = 60
@@ -130,4 +132,19 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc)) from exc
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each bad variable, its value and what it must be."""
+    problems = []
+    for error in exc.errors():
+        name = "CAPTIONER_" + str(error["loc"][0]).upper() if error["loc"] else "a setting"
+        shown = isinstance(error.get("input"), str | int) and "secret" not in name.lower()
+        value = f"={error['input']!r}" if shown else ""
+        reason = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}{value}: {reason}")
+    return "; ".join(problems) + ": fix or unset it (README, Settings)"

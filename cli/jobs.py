@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TextIO
 
 from captioning.errors import ConfigError
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import ResultsStore
-from captioning.settings import get_settings
+from captioning.settings import Settings, get_settings
 from cli.arguments import per_second, positive, since_date
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 log = logging.getLogger("captioner")
 
@@ -56,31 +60,57 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.set_defaults(run=cmd_backfill)
 
 
-def read_uris(args: argparse.Namespace) -> Iterator[str]:
-    yield from args.uris
-    if args.from_file:
-        handle: TextIO = sys.stdin if args.from_file == "-" else open(args.from_file)  # noqa: SIM115
-        with handle:
-            for line in handle:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    yield line.strip()
+def command_app(settings: Settings) -> Celery:
+    """An app whose sends give up after ~10 s without Redis: a command is not a daemon."""
+    from captioning.broker import COMMAND_PUBLISH_RETRY_POLICY, create_app
+
+    return create_app(settings, publish_retry=COMMAND_PUBLISH_RETRY_POLICY)
+
+
+@contextmanager
+def uri_file(path: str | None) -> Iterator[Iterable[str]]:
+    """The lines of --from-file (stdin for '-'), opened before anything is sent."""
+    if path is None:
+        yield ()
+        return
+    try:
+        handle: TextIO = sys.stdin if path == "-" else open(path)  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc.strerror}): give a readable file of URIs"
+        ) from exc
+    with handle:
+        yield handle
+
+
+def read_uris(uris: Iterable[str], lines: Iterable[str], path: str | None) -> Iterator[str]:
+    """The URIs given as arguments, then the file's, without blank lines and # comments."""
+    yield from uris
+    try:
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield line.strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc}): give a text file of URIs, one per line"
+        ) from exc
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from captioning.broker import create_app
     from producer.enqueue import JobSender, enqueue_uris
 
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
-    with JobSender(create_app(settings), args.queue) as sender:
-        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
+    with uri_file(args.from_file) as lines, JobSender(command_app(settings), args.queue) as sender:
+        uris = read_uris(args.uris, lines, args.from_file)
+        enqueue_uris(uris, sender, settings, batch_size=args.batch_size)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import redis_client
     from captioning.checkpoints import Checkpoint, Checkpoints
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
@@ -133,10 +163,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.dry_run:
             report = run(None)
         else:
-            with JobSender(create_app(settings), args.queue) as sender:
+            with JobSender(command_app(settings), args.queue) as sender:
                 report = run(sender)
-    finally:
-        progress.close(checkpoint, paused())
+    except BaseException:
+        if checkpoint.listed:  # where a run that got going stopped; nothing to say otherwise
+            progress.close(checkpoint, paused())
+        raise
+    progress.close(checkpoint, paused())
     verb = "would enqueue" if args.dry_run else "enqueued"
     print(
         f"listed {report.listed} objects, {report.images} images; skipped {report.skipped} "

@@ -87,7 +87,9 @@ def event_batcher(args: argparse.Namespace) -> Iterator[LingerBatcher]:
     from producer.listeners import EventEnqueuer
 
     settings = get_settings()
-    deduper = Deduper(redis_client(settings.broker_url), ttl_s=args.dedupe_ttl)
+    broker = redis_client(settings.broker_url)
+    broker.ping()  # a listener without Redis fails now, not on the first upload it accepts
+    deduper = Deduper(broker, ttl_s=args.dedupe_ttl)
     with JobSender(create_app(settings), args.queue) as sender:
         enqueuer = EventEnqueuer(sender, deduper, settings, args.batch_size)
         batcher = LingerBatcher(
