@@ -85,15 +85,25 @@ def uri_file(path: str | None) -> Iterator[Iterable[str]]:
 
 def read_uris(uris: Iterable[str], lines: Iterable[str], path: str | None) -> Iterator[str]:
     """The URIs given as arguments, then the file's, without blank lines and # comments."""
-    yield from uris
+    for uri in uris:
+        yield text(uri, f"the argument {uri!r}")
     try:
         for line in lines:
             if line.strip() and not line.lstrip().startswith("#"):
-                yield line.strip()
+                yield text(line.strip(), f"--from-file {path}")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"cannot read --from-file {path} ({exc}): give a text file of URIs, one per line"
         ) from exc
+
+
+def text(uri: str, origin: str) -> str:
+    """Bytes that are not UTF-8 reach us as surrogates (argv, stdin): refuse them here."""
+    try:
+        uri.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{origin} is not UTF-8 text: give URIs as UTF-8") from exc
+    return uri
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -166,7 +176,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             with JobSender(command_app(settings), args.queue) as sender:
                 report = run(sender)
     except BaseException:
-        if checkpoint.listed:  # where a run that got going stopped; nothing to say otherwise
+        if checkpoint.enqueued:  # where a run that got going stopped; nothing to say otherwise
             progress.close(checkpoint, paused())
         raise
     progress.close(checkpoint, paused())
