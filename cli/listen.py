@@ -44,11 +44,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_listen_sqs(args: argparse.Namespace) -> int:
-    import boto3
+    from producer.listeners import SqsListener, open_queue
 
-    from producer.listeners import SqsListener
-
-    client = boto3.client("sqs", endpoint_url=args.endpoint_url)
+    client = open_queue(args.queue_url, args.endpoint_url)
     with event_batcher(args) as batcher:
         listener = SqsListener(client, args.queue_url, batcher, receivers=args.receivers)
         stop_on_signals(listener.stopping.set)

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 
 from captioning.embedded import free_port
 from captioning.results import ResultsStore
@@ -34,7 +36,7 @@ EVERY_COMMAND = {
     "enqueue": ["enqueue", "s3://photos/a.jpg"],
     "backfill": ["backfill", "s3://photos/one/"],
     "listen-webhook": ["listen", "webhook", "--port", "0"],
-    "listen-sqs": ["listen", "sqs", "--queue-url", f"http://127.0.0.1:{STOPPED}/1/q"],
+    "listen-sqs": ["listen", "sqs", "--queue-url", "{sqs_queue}", "--endpoint-url", "{sqs}"],
     "worker": ["worker"],
     "exporter": ["exporter", "--port", "0"],
     "health": ["health"],
@@ -158,6 +160,15 @@ MISTAKES: dict[str, Mistake] = {
     "uri-argument-not-utf8": Mistake(
         ["enqueue", "s3://photos/\udcff.jpg"], {}, "is not UTF-8 text: give URIs as UTF-8",
     ),
+    "sqs-queue-missing": Mistake(
+        ["listen", "sqs", "--queue-url", "{sqs}/123456789012/nosuch", "--endpoint-url", "{sqs}"],
+        {}, "check --queue-url",
+    ),
+    "sqs-endpoint-down": Mistake(
+        ["listen", "sqs", "--queue-url", "{sqs_queue}",
+         "--endpoint-url", f"http://127.0.0.1:{STOPPED}"], {}, "check --endpoint-url",
+    ),
+    "sqs-no-credentials": Mistake(EVERY_COMMAND["listen-sqs"], NO_AWS, "AWS_ACCESS_KEY_ID"),
     "no-uris": Mistake(["enqueue"], {}, "give URIs as arguments or --from-file F"),
     "demo-folder-missing": Mistake(
         ["demo", "{tmp}/no-such-folder"], {}, "give a folder of images",
@@ -197,6 +208,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture(scope="module")
+def sqs_queue() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    yield boto3.client("sqs", endpoint_url=endpoint).create_queue(QueueName="uploads")["QueueUrl"]
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def good_env(
     broker: RedisServer, store: SeaweedS3, postgres_url: str
 ) -> dict[str, str]:
@@ -225,10 +246,13 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture
 def captioner(
-    good_env: dict[str, str], broker: RedisServer, postgres_url: str, tmp_path: Path
+    good_env: dict[str, str], broker: RedisServer, postgres_url: str, sqs_queue: str,
+    tmp_path: Path,
 ) -> Run:
     """Runs `python -m cli [extra] <the mistake's args>` in the good environment but for it."""
     fill = {
+        "sqs_queue": sqs_queue,
+        "sqs": sqs_queue.rsplit("/", 2)[0],  # http://host:port/<account>/<name>
         "tmp": str(tmp_path),
         "redis_host": f"127.0.0.1:{broker.port}",
         "postgres_nobody": postgres_url.replace("postgres@", "nobody@", 1),
