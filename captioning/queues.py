@@ -4,6 +4,9 @@ Celery on Redis keeps each queue as a list (LPUSH, BRPOP: the oldest message is 
 right end) and reserved-but-unacked messages in the `unacked` hash. Images per queue are
 counted exactly over a sample of messages from both ends and scaled to the list length, so
 a scrape costs the same for ten jobs as for a million.
+
+The envelope and unacked-entry layouts read here are kombu's private format, which is why
+pyproject.toml pins kombu to one minor version.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+
+from captioning.keys import UNACKED_KEY
 
 SAMPLE_MESSAGES = 50
 
@@ -61,9 +66,6 @@ def queue_stats_for(client: redis.Redis, queue: str, now: float | None = None) -
     return QueueStats(jobs=jobs, images=images, oldest_age_s=max(0.0, age))
 
 
-UNACKED_KEY = "unacked"
-
-
 @dataclass(frozen=True)
 class InFlight:
     jobs: int
@@ -71,7 +73,7 @@ class InFlight:
 
 
 def inflight_stats(client: redis.Redis) -> InFlight:
-    """Jobs reserved by workers but not acked: kombu keeps them in the `unacked` hash.
+    """Jobs reserved by workers but not acked: kombu keeps them in the UNACKED_KEY hash.
 
     Few (one per worker process with prefetch 1), so every one is read.
     """

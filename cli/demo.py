@@ -40,7 +40,7 @@ def choose_demo_model() -> str:
     """CAPTIONER_MODEL if set; else real BLIP-2 if already cached; else the tiny stand-in."""
     if os.environ.get("CAPTIONER_MODEL"):
         return os.environ["CAPTIONER_MODEL"]
-    from workers.model import weights_cached
+    from workers.runtimes.loading import weights_cached
 
     return REAL_MODEL if weights_cached(REAL_MODEL) else TINY_MODEL
 

@@ -21,7 +21,8 @@ from sqlalchemy import text
 from captioning.broker import celery_config, create_app
 from captioning.deadletters import DeadLetters
 from captioning.errors import ImageTooLarge, ObjectMissing, WorkerLost
-from captioning.messages import BULK_QUEUE, DEAD_QUEUE, TASK_NAME, CaptionJob, JobItem
+from captioning.keys import DEAD_QUEUE
+from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob, JobItem
 from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import FileStore, S3Store
