@@ -38,6 +38,8 @@ COMMAND_PUBLISH_RETRY_POLICY = {
     "interval_step": 1.0,
     "interval_max": 3.0,
 }
+#: ... and a Redis that accepts the connection but never answers is an error, not a hang.
+COMMAND_SOCKET_TIMEOUT_S = 5.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -109,13 +111,18 @@ def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
 
 
 def create_app(
-    settings: Settings,
-    *,
-    include: tuple[str, ...] = (),
-    publish_retry: dict[str, float] = PUBLISH_RETRY_POLICY,
+    settings: Settings, *, include: tuple[str, ...] = (), one_shot: bool = False
 ) -> Celery:
+    """`one_shot`: for a command that sends and exits, which gives up on Redis sooner."""
     app = Celery("captioner", broker=settings.broker_url, include=list(include))
-    app.conf.update(celery_config(settings), task_publish_retry_policy=publish_retry)
+    app.conf.update(celery_config(settings))
+    if one_shot:
+        app.conf.task_publish_retry_policy = COMMAND_PUBLISH_RETRY_POLICY
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "socket_timeout": COMMAND_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": COMMAND_SOCKET_TIMEOUT_S,
+        }
     return app
 
 

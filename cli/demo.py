@@ -16,7 +16,6 @@ from captioning.messages import REALTIME_QUEUE
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings, get_settings
 from cli.arguments import positive
-from cli.jobs import command_app
 from cli.results import write_rows
 
 log = logging.getLogger("captioner")
@@ -46,6 +45,7 @@ def choose_demo_model() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app
     from captioning.embedded import PrivateRedis
     from captioning.uris import file_uri
     from producer.enqueue import JobSender, enqueue_uris
@@ -85,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"], env=env
         )
         try:
-            with JobSender(command_app(settings), REALTIME_QUEUE) as sender:
+            with JobSender(create_app(settings, one_shot=True), REALTIME_QUEUE) as sender:
                 enqueue_uris((file_uri(p) for p in images), sender, settings, batch_size=8)
             print(f"enqueued {len(images)} images from {directory}; waiting for the worker...")
             rows = wait_for_rows(results, len(images), args.timeout, worker)

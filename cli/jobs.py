@@ -7,16 +7,13 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from captioning.errors import ConfigError
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import ResultsStore
-from captioning.settings import Settings, get_settings
+from captioning.settings import get_settings
 from cli.arguments import per_second, positive, since_date
-
-if TYPE_CHECKING:
-    from celery import Celery
 
 log = logging.getLogger("captioner")
 
@@ -63,13 +60,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.set_defaults(run=cmd_backfill)
 
 
-def command_app(settings: Settings) -> Celery:
-    """An app whose sends give up after ~10 s without Redis: a command is not a daemon."""
-    from captioning.broker import COMMAND_PUBLISH_RETRY_POLICY, create_app
-
-    return create_app(settings, publish_retry=COMMAND_PUBLISH_RETRY_POLICY)
-
-
 @contextmanager
 def uri_file(path: str | None) -> Iterator[Iterable[str]]:
     """The lines of --from-file (stdin for '-'), opened before anything is sent."""
@@ -110,12 +100,14 @@ def text(uri: str, origin: str) -> str:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app
     from producer.enqueue import JobSender, enqueue_uris
 
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
-    with uri_file(args.from_file) as lines, JobSender(command_app(settings), args.queue) as sender:
+    app = create_app(settings, one_shot=True)
+    with uri_file(args.from_file) as lines, JobSender(app, args.queue) as sender:
         uris = read_uris(args.uris, lines, args.from_file)
         enqueue_uris(uris, sender, settings, batch_size=args.batch_size)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
@@ -123,6 +115,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app
     from captioning.checkpoints import Checkpoint, Checkpoints
     from captioning.connections import redis_client
     from captioning.storage import S3Store
@@ -176,7 +169,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.dry_run:
             report = run(None)
         else:
-            with JobSender(command_app(settings), args.queue) as sender:
+            with JobSender(create_app(settings, one_shot=True), args.queue) as sender:
                 report = run(sender)
     except BaseException:
         if checkpoint.enqueued:  # where a run that got going stopped; nothing to say otherwise

@@ -89,10 +89,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app
     from captioning.deadletters import DeadLetter, DeadLetters
     from captioning.errors import InvalidJob
     from captioning.messages import CaptionJob
-    from cli.jobs import command_app
     from producer.enqueue import JobSender
 
     settings = get_settings()
@@ -104,7 +104,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     if args.action == "purge":
         print(f"purged {letters.purge()} dead-lettered jobs")
         return 0
-    app = command_app(settings)
+    app = create_app(settings, one_shot=True)
 
     def send(letter: DeadLetter) -> bool:
         try:
