@@ -25,7 +25,6 @@ from captioning.errors import InvalidJob
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
 BULK_QUEUE = "captions.bulk"
-DEAD_QUEUE = "captions.dead"
 WORK_QUEUES = (REALTIME_QUEUE, BULK_QUEUE)
 #: Where a worker forwards the kinds of a job it does not serve; only workers serving the
 #: kind consume it (workers/routing.py).
