@@ -38,7 +38,7 @@ def plan(annotators: Mapping[str, str], served: Mapping[str, str], *, queue: str
         elif kind in served:
             setting = KINDS[kind].model_setting.upper()
             result.refuse[kind] = (model, ModelMismatch(
-                f"job asks for {kind} by model {model!r}; this worker serves {served[kind]!r}: "
+                f"job asks for model {model!r} ({kind}); this worker serves {served[kind]!r}: "
                 f"run a worker with that CAPTIONER_{setting}, or enqueue with this one"
             ))
         elif kind not in KINDS:
