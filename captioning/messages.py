@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from captioning.errors import InvalidJob
+from captioning.kinds import KINDS
 
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
@@ -42,6 +43,10 @@ ModelId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 def kind_queue(kind: str) -> str:
     return f"{KIND_QUEUE_PREFIX}{kind}"
+
+
+#: Every queue workers drain: what the exporter and `captioner status` report.
+WAITING_QUEUES = (*WORK_QUEUES, *(kind_queue(kind) for kind in KINDS))
 
 
 class JobItem(BaseModel):
