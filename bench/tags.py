@@ -129,11 +129,8 @@ def worker_path(model_dir: Path, files: list[Path], root: Path, batch: int
     tagger = Tagger.load(settings)
     io_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="io")
     decode_pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
-    stages = Stages(
-        stores=Stores(settings), max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels, to_pixels={"tags": tagger.to_pixels},
-        target_size=tagger.decode_size, io_pool=io_pool, decode_pool=decode_pool,
-    )
+    stages = Stages.for_runtimes({"tags": tagger}, stores=Stores(settings), settings=settings,
+                                 io_pool=io_pool, decode_pool=decode_pool)
     uris = [path.as_uri() for path in files]
 
     def run() -> list[str]:

@@ -23,6 +23,8 @@ from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from tests.conftest import scrape, settings_env, wait_for_log, wait_for_rows
 from tests.imagefactory import photo_bytes
+from tests.test_pipeline import captioner
+from tests.test_pipeline import upload as upload_to
 
 BOTH = {"caption": "tiny-random-blip2", "tags": "tiny-random-wd14"}
 
@@ -74,19 +76,8 @@ def workers(
             process.kill()
 
 
-def captioner(settings: Settings, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=settings_env(settings),
-        capture_output=True, text=True, timeout=180, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def upload(s3, prefix: str, files: dict[str, bytes]) -> list[str]:
-    for name, data in files.items():
-        s3.put_object(Bucket="photos", Key=prefix + name, Body=data)
-    return [f"s3://photos/{prefix}{name}" for name in files]
+    return upload_to(s3, "photos", prefix, files)
 
 
 def sidecar(s3, key: str, timeout: float = 30) -> dict[str, object]:

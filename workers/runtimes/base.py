@@ -50,3 +50,16 @@ class Runtime(Protocol):
     def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
         """Results for one micro-batch, in order (preprocess -> predict -> postprocess)."""
         ...
+
+
+def annotate_in_batches(
+    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str
+) -> list[Annotation]:
+    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch)."""
+    results: list[Annotation] = []
+    start = 0
+    while start < len(pixels):
+        size = runtime.batch_size
+        results.extend(runtime.annotate(pixels[start : start + size], prompt))
+        start += size
+    return results
