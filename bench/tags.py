@@ -14,8 +14,13 @@ Both run the same model.onnx with the same onnxruntime settings and give the sam
 real taggers' 448 px with random weights and 10,861 tags (the size of the v3 tag lists),
 exported to ONNX in-process (the real wd-vit-tagger-v3 is a ViT-B/16: about 4x the compute).
 
+With `--cli`, the same images also go through what a user runs, each in a fresh process
+(start-up included): the naive loop as a script, and `captioner demo DIR` with
+CAPTIONER_KINDS=tags (private Redis, one worker, SQLite: a whole fleet on one machine).
+
     python -m bench.tags                      # both taggers, 0.5 MP JPEGs
     python -m bench.tags --megapixels 12 --images 32 --naive-images 16
+    python -m bench.tags --taggers tiny --cli
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -143,6 +150,32 @@ def worker_path(model_dir: Path, files: list[Path], root: Path, batch: int
     return run
 
 
+NAIVE_SCRIPT = """
+import sys
+from pathlib import Path
+from bench.tags import naive_loop
+files = sorted(Path(sys.argv[1]).glob("*.jpg"))
+print(len(naive_loop(Path(sys.argv[2]), files)()))
+"""
+
+
+def fresh_process_seconds(model_dir: Path, images_dir: Path, workdir: Path) -> dict[str, float]:
+    """Wall seconds of the naive script and of `captioner demo` over `images_dir`."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "CAPTIONER_KINDS": "tags", "CAPTIONER_TAGGER_MODEL": str(model_dir),
+           "CAPTIONER_DEMO_DIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    commands = {
+        "naive script": [sys.executable, "-c", NAIVE_SCRIPT, str(images_dir), str(model_dir)],
+        "captioner demo": [sys.executable, "-m", "cli", "demo", str(images_dir)],
+    }
+    seconds = {}
+    for name, command in commands.items():
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def images_per_second(run: Callable[[], list[str]], count: int) -> tuple[float, list[str]]:
     start = time.perf_counter()
     out = run()
@@ -158,18 +191,23 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images for ours")
     parser.add_argument("--naive-images", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="CAPTIONER_TAGGER_BATCH_SIZE")
+    parser.add_argument("--cli", action="store_true",
+                        help="also time both in fresh processes, start-up included")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-tags-") as tmp:
         root = Path(tmp).resolve()
+        images_dir = root / "images"
+        images_dir.mkdir()
         photos = jpegs(args.megapixels)
         files = []
         for i in range(max(args.images, args.naive_images)):
-            path = root / f"{i:05d}.jpg"
+            path = images_dir / f"{i:05d}.jpg"
             path.write_bytes(photos[i % len(photos)])
             files.append(path)
         builders = {"tiny": build_tiny_wd14, "vit": build_vit_tagger}
         table = []
+        fresh: dict[str, dict[str, float]] = {}
         for name in args.taggers.split(","):
             model_dir = builders[name](root / name)
             naive = naive_loop(model_dir, files[: args.naive_images])
@@ -182,6 +220,8 @@ def main() -> None:
             naive_ips, _ = images_per_second(naive, args.naive_images)
             ours_ips, _ = images_per_second(ours, args.images)
             table.append((name, naive_ips, ours_ips))
+            if args.cli:
+                fresh[name] = fresh_process_seconds(model_dir, images_dir, root / f"demo-{name}")
 
     print(f"WD14 tagging, {args.megapixels} MP JPEGs, CPU ({os.cpu_count()} cores, "
           f"{decode_threads()} decode threads), onnxruntime {ort.__version__}, "
@@ -190,7 +230,15 @@ def main() -> None:
     print(f"{'tagger':<8} {'naive img/s':>12} {'ours img/s':>11} {'speed-up':>9}")
     for name, naive_ips, ours_ips in table:
         print(f"{name:<8} {naive_ips:>12.1f} {ours_ips:>11.1f} {ours_ips / naive_ips:>8.2f}x")
+    if fresh:
+        count = len(files)
+        print(f"\nthe same {count} images through a fresh process each, start-up included:")
+        print(f"{'tagger':<8} {'naive script s':>15} {'captioner demo s':>17} {'ratio':>7}")
+        for name, seconds in fresh.items():
+            naive_s, demo_s = seconds["naive script"], seconds["captioner demo"]
+            print(f"{name:<8} {naive_s:>15.1f} {demo_s:>17.1f} {naive_s / demo_s:>6.2f}x")
 
 
 if __name__ == "__main__":
     main()
+
