@@ -17,7 +17,7 @@ from kombu.exceptions import OperationalError
 
 from captioning.errors import BrokerUnavailable
 from captioning.keys import UNACKED_KEY
-from captioning.messages import BULK_QUEUE, TASK_NAME
+from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob
 from captioning.settings import Settings
 
 #: Publishing retries for ~1 minute (0.2 s, then +0.5 s per try up to 3 s), so a producer or
@@ -136,3 +136,20 @@ def broker_errors() -> Iterator[None]:
     except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BrokerUnavailable(f"Redis unreachable ({reason})") from exc
+
+
+def send_job(
+    app: Celery, job: CaptionJob, queue: str, *, producer: Any = None, task_id: str | None = None
+) -> None:
+    """Publish one CaptionJob. A short `argsrepr` spares Celery a saferepr of every item: a
+    third of the send time for a 32-image job, and ~250 bytes of each message in Redis."""
+    app.send_task(
+        TASK_NAME,
+        args=[job.to_message()],
+        queue=queue,
+        producer=producer,
+        task_id=task_id,
+        ignore_result=True,
+        argsrepr=f"<CaptionJob of {len(job.items)} images from {job.source}>",
+        kwargsrepr="{}",
+    )

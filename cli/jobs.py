@@ -10,10 +10,11 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from captioning.errors import ConfigError
+from captioning.kinds import KINDS
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import ResultsStore
 from captioning.settings import get_settings
-from cli.arguments import per_second, positive, since_date
+from cli.arguments import kind_list, per_second, positive, since_date
 
 log = logging.getLogger("captioner")
 
@@ -27,6 +28,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
                          help="queue to send to (default %(default)s, served first)")
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(enqueue)
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
@@ -35,9 +37,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
                           help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(backfill)
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-        help="skip images that already have a row for this model and prompt (default: on)",
+        help="ask each image only for the kinds it has no row for yet (that kind's model, and "
+        "the prompt where the kind reads one) (default: on)",
     )
     backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
     backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
@@ -58,6 +62,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.add_argument("--total", type=positive, metavar="OBJECTS",
                           help="objects expected under the prefix, for the progress ETA")
     backfill.set_defaults(run=cmd_backfill)
+
+
+def add_kind_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kind", type=kind_list, metavar="KIND[,KIND...]",
+        help=f"what to produce for each image: {', '.join(KINDS)} "
+        "(default: CAPTIONER_KINDS); each kind's model comes from its setting",
+    )
 
 
 @contextmanager
@@ -109,7 +121,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     app = create_app(settings, one_shot=True)
     with uri_file(args.from_file) as lines, JobSender(app, args.queue) as sender:
         uris = read_uris(args.uris, lines, args.from_file)
-        enqueue_uris(uris, sender, settings, batch_size=args.batch_size)
+        enqueue_uris(uris, sender, settings, batch_size=args.batch_size, kinds=args.kind)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
@@ -162,7 +174,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             settings=settings, batch_size=args.batch_size, checkpoint=checkpoint,
             checkpoints=checkpoints, pacing=pacing, limit=args.limit,
             filters=Filters(prefix=source.key, since=args.since, match=args.match),
-            on_progress=lambda cp: progress.update(cp, paused()),
+            on_progress=lambda cp: progress.update(cp, paused()), kinds=args.kind,
         )
 
     try:

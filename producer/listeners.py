@@ -22,6 +22,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from captioning.errors import ConfigError, InvalidEvent
+from captioning.kinds import annotators
 from captioning.settings import Settings
 from producer.batcher import BatcherClosed, LingerBatcher
 from producer.dedupe import Deduper
@@ -54,7 +55,7 @@ class EventEnqueuer:
             for job in make_jobs(
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,
-                model=self._settings.model,
+                annotators=annotators(self._settings, self._settings.kinds),
                 prompt=self._settings.prompt,
                 source="event",
             ):
