@@ -42,7 +42,7 @@ from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import allowed_location
 from workers.context import decode_threads
-from workers.pipeline import ItemState, Stages, caption_stream
+from workers.pipeline import ItemState, Stages, annotate_stream
 from workers.pixels import PixelSpec
 from workers.runtimes.blip2 import CaptionModel
 from workers.runtimes.itm import ScoreModel
@@ -134,10 +134,9 @@ def table(
             uris.append(path.as_uri())
         io_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="io")
         decode_pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
-        stages = Stages(
-            stores=Stores(settings), max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels, to_pixels=captioner.to_pixels,
-            target_size=captioner.image_size, io_pool=io_pool, decode_pool=decode_pool,
+        stages = Stages.for_runtimes(
+            {"caption": captioner}, stores=Stores(settings), settings=settings,
+            io_pool=io_pool, decode_pool=decode_pool,
         )
 
         def stream(prompts: Sequence[str]) -> int:
@@ -145,9 +144,9 @@ def table(
                 ItemState(JobItem(uri=uri), location=allowed_location(uri, settings))
                 for uri in uris
             ]
-            caption_stream(states, prompts, captioner, stages, nullcontext(),
-                           lookahead=max(2 * captioner.batch_size, settings.fetch_concurrency))
-            return sum(len(s.annotations or ()) for s in states)
+            annotate_stream(states, prompts, {"caption": captioner}, stages, nullcontext(),
+                            lookahead=max(2 * captioner.batch_size, settings.fetch_concurrency))
+            return sum(len(s.results.get("caption", ())) for s in states)
 
         def setup(scorer: ScoreModel | None, candidates: int) -> None:
             captioner.scorer, captioner.shares_vision = None, False

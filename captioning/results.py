@@ -30,12 +30,15 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from captioning.errors import ConfigError, DatabaseUnavailable
+from captioning.kinds import CAPTION
 
 Status = Literal["ok", "failed"]
 
@@ -67,6 +70,12 @@ captions = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("worker", Text),
+    Column("kind", Text, comment="caption, tags, ...; NULL on rows from before kinds: caption"),
+    Column(
+        "tags",
+        JSON().with_variant(postgresql.JSONB(), "postgresql"),
+        comment="tags kind: {category: {tag: probability}}",
+    ),
     Column("match_probability", Float, comment="ITM: P(caption matches image), by scorer"),
     Column("itc_cosine", Float, comment="ITC: image-caption cosine similarity, by scorer"),
     Column("scorer", Text, comment="the ITM model that scored the caption"),
@@ -95,6 +104,8 @@ class CaptionRow:
     finished_at: datetime
     worker: str | None
     attempts: int = 1
+    kind: str | None = None
+    tags: dict[str, dict[str, float]] | None = None
     match_probability: float | None = None
     itc_cosine: float | None = None
     scorer: str | None = None
@@ -117,12 +128,15 @@ def row_id(uri: str, etag: str, model: str, prompt: str) -> str:
     return hashlib.sha256(f"{uri}\0{etag}\0{model}\0{prompt}".encode()).hexdigest()
 
 
-def sidecar_key(prefix: str, row: CaptionRow, *, extra_prompt: bool = False) -> str:
-    """`<prefix>/<source bucket>/<source key>.json`; local files go under `_local/`. The rows
-    of a job's second and later prompts go next to it, in `<source key>.<12 hex digits of the
-    prompt's sha256>.json`, so one image's prompts never overwrite each other."""
+def sidecar_key(prefix: str, row: CaptionRow, *, main_prompt: str | None = None) -> str:
+    """`<prefix>/<source bucket>/<source key>.json` for a caption, `....<kind>.json` for
+    another kind (`photo.jpg.tags.json`); local files go under `_local/`. Caption rows of a
+    job's later prompts (not `main_prompt`) go next to it, in `<source key>.<12 hex digits of
+    the prompt's sha256>.json`, so one image's prompts never overwrite each other."""
     source = f"{row.bucket}/{row.key}" if row.bucket else f"_local{row.key}"
-    if extra_prompt:
+    if row.kind not in (None, CAPTION.name):
+        source += f".{row.kind}"
+    elif main_prompt not in (None, row.prompt):
         source += "." + hashlib.sha256(row.prompt.encode()).hexdigest()[:12]
     return f"{prefix.strip('/')}/{source}.json".lstrip("/")
 
@@ -142,8 +156,12 @@ def normalize_database_url(url: str) -> str:
 class ResultsStore:
     def __init__(self, database_url: str) -> None:
         url = normalize_database_url(database_url)
+        # A host that drops packets fails in 10 s, not after the kernel's two minutes.
+        connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
         try:
-            self.engine: Engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800)
+            self.engine: Engine = create_engine(
+                url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
+            )
         except Exception as exc:
             raise ConfigError(f"CAPTIONER_DATABASE_URL is not usable: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
@@ -160,24 +178,27 @@ class ResultsStore:
             lost = isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
             if not lost:
                 raise
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
             raise DatabaseUnavailable(
-                f"results database unavailable: {type(exc.orig).__name__}"
+                f"results database unavailable ({type(exc.orig).__name__}: {reason})"
             ) from exc
 
-    def create_schema(self) -> None:
-        """Create the table, or add the nullable columns and indexes a newer release defines
-        to an existing one (existing rows untouched: the new columns are null)."""
+    def create_schema(self) -> list[str]:
+        """Create the table, or add the columns a newer release defines to an existing one
+        (all nullable, so existing rows are untouched); returns the columns added."""
         with self._connection(write=True) as conn:
             metadata.create_all(conn)
             present = {column["name"] for column in inspect(conn).get_columns(captions.name)}
-            for column in captions.columns:
-                if column.name not in present:
-                    kind = column.type.compile(dialect=conn.dialect)
-                    conn.exec_driver_sql(
-                        f'ALTER TABLE {captions.name} ADD COLUMN "{column.name}" {kind}'
-                    )
-            for index in captions.indexes:
-                index.create(conn, checkfirst=True)
+            missing = [column for column in captions.columns if column.name not in present]
+            quote = conn.dialect.identifier_preparer.quote
+            for column in missing:
+                assert column.nullable, f"a column added to old rows must be nullable: {column}"
+                column_type = column.type.compile(dialect=conn.dialect)
+                conn.execute(
+                    text(f"ALTER TABLE {quote(captions.name)} ADD COLUMN {quote(column.name)} "
+                         f"{column_type}")
+                )
+            return [column.name for column in missing]
 
     def require_schema(self) -> None:
         """Fail fast at worker start: without the table every job would retry, then die."""
@@ -216,15 +237,23 @@ class ResultsStore:
         *,
         prefix: str | None = None,
         status: Status | None = None,
+        kind: str | None = None,
         limit: int | None = None,
         min_score: float | None = None,
     ) -> list[CaptionRow]:
-        """Rows by uri; `min_score` keeps scored rows whose match probability reaches it."""
-        query = select(*(c for c in captions.columns if c.name != "id")).order_by(captions.c.uri)
+        """Rows by URI; `kind` caption includes the rows written before kinds (kind NULL);
+        `min_score` keeps scored rows whose match probability reaches it."""
+        query = select(*(c for c in captions.columns if c.name != "id")).order_by(
+            captions.c.uri, captions.c.kind
+        )
         if prefix:
             query = query.where(captions.c.uri.startswith(prefix, autoescape=True))
         if status:
             query = query.where(captions.c.status == status)
+        if kind == CAPTION.name:
+            query = query.where(or_(captions.c.kind == kind, captions.c.kind.is_(None)))
+        elif kind:
+            query = query.where(captions.c.kind == kind)
         if min_score is not None:
             query = query.where(captions.c.match_probability >= min_score)
         if limit:

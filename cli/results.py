@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
+from captioning.kinds import CAPTION, KINDS
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import get_settings
 from cli.arguments import positive, probability
@@ -20,6 +21,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                          help="output format (default %(default)s)")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
     results.add_argument("--status", choices=("ok", "failed"), help="only rows with this status")
+    results.add_argument("--kind", choices=tuple(KINDS),
+                         help="only rows of this kind (caption includes rows from before kinds)")
     results.add_argument("--limit", type=positive, metavar="N", help="print at most N rows")
     results.add_argument(
         "--min-score", type=probability, metavar="P",
@@ -31,7 +34,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     rows = ResultsStore(get_settings().database_url).rows(
-        prefix=args.prefix, status=args.status, limit=args.limit, min_score=args.min_score
+        prefix=args.prefix, status=args.status, kind=args.kind, limit=args.limit,
+        min_score=args.min_score,
     )
     write_rows(rows, args.format, sys.stdout)
     return 0
@@ -45,21 +49,23 @@ def write_rows(rows: Iterable[CaptionRow], fmt: str, out: TextIO) -> None:
     elif fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(CaptionRow.__dataclass_fields__))
         writer.writeheader()
-        for record in records:  # the candidates list as JSON text in its cell
-            if record["candidates"] is not None:
-                record["candidates"] = json.dumps(record["candidates"], ensure_ascii=False)
+        for record in records:  # the JSON columns as JSON text in their cells
+            for column in ("tags", "candidates"):
+                if record[column] is not None:
+                    record[column] = json.dumps(record[column], ensure_ascii=False)
             writer.writerow(record)
     else:
         out.write(format_table(records))
 
 
 def format_table(records: Sequence[dict[str, object]]) -> str:
-    """Status, uri, caption or error; a score column when any row was scored."""
+    """Status, kind, uri, caption or error; a score column when any row was scored."""
     scored = any(r["match_probability"] is not None for r in records)
-    columns = ("status", "uri", *(("score",) if scored else ()), "caption / error")
+    columns = ("status", "kind", "uri", *(("score",) if scored else ()), "caption / error")
     cells = [
         (
             str(r["status"]),
+            str(r["kind"] or CAPTION.name),
             shorten(str(r["uri"]), 60, keep_end=True),
             *((score_cell(r["match_probability"]),) if scored else ()),
             shorten(str(r["caption"] if r["status"] == "ok" else r["error"]), 70),

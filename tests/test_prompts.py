@@ -28,12 +28,26 @@ def test_an_old_message_means_its_one_prompt() -> None:
 
 def test_one_prompt_is_sent_in_the_old_form_several_in_the_new() -> None:
     items = [JobItem(uri=f"s3://b/{i}.jpg") for i in range(3)]
-    (single,) = make_jobs(items, batch_size=8, model="m", prompts=("",), source="cli")
+    caption = {"caption": "m"}
+    (single,) = make_jobs(items, batch_size=8, annotators=caption, prompts=("",), source="cli")
     assert "prompts" not in single.to_message()
-    (double,) = make_jobs(items, batch_size=8, model="m", prompts=("", QUESTION), source="cli")
+    (double,) = make_jobs(
+        items, batch_size=8, annotators=caption, prompts=("", QUESTION), source="cli"
+    )
     message = json.loads(json.dumps(double.to_message()))
-    assert message["prompts"] == ["", QUESTION]
+    assert message["prompts"] == ["", QUESTION] and message["model"] == "m"
     assert CaptionJob.from_message(message).all_prompts == ("", QUESTION)
+
+
+def test_prompts_ride_with_kinds() -> None:
+    (job,) = make_jobs(
+        [JobItem(uri="s3://b/a.jpg")], batch_size=8, annotators={"caption": "m", "tags": "t"},
+        prompts=("", QUESTION), source="cli",
+    )
+    message = json.loads(json.dumps(job.to_message()))
+    assert message["kinds"] == {"caption": "m", "tags": "t"} and "model" not in message
+    assert message["prompts"] == ["", QUESTION]
+    assert CaptionJob.from_message(message) == job
 
 
 @pytest.mark.parametrize(
@@ -66,4 +80,32 @@ def test_backfill_skips_an_image_only_when_every_prompt_has_its_row() -> None:
         "bkt", page, settings=Settings(model="m"), filters=Filters(),
         done_ids=lambda ids: done & set(ids), prompts=("", QUESTION),
     )
-    assert [item.uri for item in pending] == ["s3://bkt/c.jpg"] and candidates == 2
+    assert [p.item.uri for p in pending] == ["s3://bkt/c.jpg"] and candidates == 2
+    assert pending[0].kinds == ("caption",)
+
+
+def test_backfill_skips_per_kind_and_prompt() -> None:
+    """The caption kind misses when any prompt misses; tags (no prompt) has one row."""
+    listed = datetime(2026, 1, 1, tzinfo=UTC)
+    page = [
+        ListedObject(key=k, etag="e", size=10, last_modified=listed)
+        for k in ("a.jpg", "b.jpg", "c.jpg")
+    ]
+    done = {
+        row_id("s3://bkt/a.jpg", "e", "m", ""),
+        row_id("s3://bkt/a.jpg", "e", "m", QUESTION),
+        row_id("s3://bkt/b.jpg", "e", "m", ""),
+        row_id("s3://bkt/b.jpg", "e", "t", ""),
+        row_id("s3://bkt/c.jpg", "e", "m", ""),
+        row_id("s3://bkt/c.jpg", "e", "m", QUESTION),
+        row_id("s3://bkt/c.jpg", "e", "t", ""),
+    }
+    pending, candidates = pending_items(
+        "bkt", page, settings=Settings(model="m", tagger_model="t", prompt="ignored"),
+        filters=Filters(), done_ids=lambda ids: done & set(ids), prompts=("", QUESTION),
+        kinds=("caption", "tags"),
+    )
+    assert [(p.item.uri, p.kinds) for p in pending] == [
+        ("s3://bkt/a.jpg", ("tags",)), ("s3://bkt/b.jpg", ("caption",))
+    ]
+    assert candidates == 3

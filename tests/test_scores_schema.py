@@ -16,6 +16,8 @@ from captioning.results import CaptionRow, ResultsStore, captions
 from cli.results import format_table, write_rows
 
 SCORE_COLUMNS = {"match_probability", "itc_cosine", "scorer", "candidates"}
+#: The columns added since the first release: the scores and the kinds'.
+NEW_COLUMNS = SCORE_COLUMNS | {"kind", "tags"}
 
 
 def old_table(metadata: MetaData) -> Table:
@@ -66,11 +68,11 @@ def test_upgrade_adds_score_columns_and_keeps_old_rows(database_url: str) -> Non
     metadata.create_all(store.engine)
     old = row("s3://b/old.jpg")
     with store.engine.begin() as conn:
-        values = {k: v for k, v in old.__dict__.items() if k not in SCORE_COLUMNS}
+        values = {k: v for k, v in old.__dict__.items() if k not in NEW_COLUMNS}
         conn.execute(table.insert().values(id=old.row_id, **values))
 
-    store.create_schema()
-    store.create_schema()  # twice is fine: nothing left to add
+    assert set(store.create_schema()) == NEW_COLUMNS
+    assert store.create_schema() == []  # twice is fine: nothing left to add
 
     columns = {c["name"] for c in inspect(store.engine).get_columns("captions")}
     assert columns >= SCORE_COLUMNS
@@ -90,7 +92,9 @@ def test_results_output_shows_scores_and_candidates() -> None:
     rows = [row("s3://b/new.jpg", match_probability=0.9, itc_cosine=0.3, scorer="itm",
                 candidates=candidates), row("s3://b/old.jpg")]
     table = format_table([r.to_json() for r in rows])
-    assert table.splitlines()[0].split() == ["status", "uri", "score", "caption", "/", "error"]
+    assert table.splitlines()[0].split() == [
+        "status", "kind", "uri", "score", "caption", "/", "error"
+    ]
     assert "0.900" in table.splitlines()[2] and " - " in table.splitlines()[3]
     assert "score" not in format_table([rows[1].to_json()])
     out = io.StringIO()

@@ -21,7 +21,8 @@ class ResultWriter:
 
     def write(self, rows: Sequence[CaptionRow], *, main_prompt: str | None = None) -> None:
         """Upsert all rows in one statement, then put sidecars in parallel; raise if any fails.
-        Rows of another prompt than the job's first (`main_prompt`) get sidecars of their own."""
+        Caption rows of another prompt than the job's first (`main_prompt`) get sidecars
+        of their own."""
         self._results.upsert(rows)
         root = self._sidecar_root
         if root is None:
@@ -31,7 +32,7 @@ class ResultWriter:
             self._executor.submit(
                 store.put,
                 root.bucket,
-                sidecar_key(root.key, row, extra_prompt=main_prompt not in (None, row.prompt)),
+                sidecar_key(root.key, row, main_prompt=main_prompt),
                 sidecar_body(row),
                 "application/json",
             )

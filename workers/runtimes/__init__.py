@@ -3,6 +3,9 @@
 base.py     the interface every kind implements and the Annotation it returns
 loading.py  where weights come from (HF id, local directory, cache, offline) and on what device
 tiny.py     the tiny random twins of every kind, for tests and offline demos
-blip2.py    BLIP-2 captions (several prompts and CapFilt candidates from one vision pass)
+registry.py kind name -> runtime class, and loading the kinds a worker serves
+blip2.py    BLIP-2 captions (kind `caption`; several prompts and CapFilt candidates from one
+            vision pass)
 itm.py      BLIP-2 image-text matching: the match probability and cosine of each caption
+wd14.py     WD14 tags (kind `tags`)
 """

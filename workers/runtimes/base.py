@@ -3,14 +3,16 @@ postprocess, behind `annotate` so the pipeline never needs to know which kind it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from PIL import Image
 
 from captioning.settings import Settings
 from workers.pixels import ModelPixels
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Annotation:
-    """One image's result from one model kind: `text` goes in the row's `caption`; the
-    scores are those of `text` when a scorer runs, and `candidates` every caption proposed
+    """One image's result from one model kind: `text` goes in the row's `caption`, the
+    other fields in their own columns (None where the kind has none). The scores are those
+    of `text` by the model `scorer` when one runs, and `candidates` every caption proposed
     (greedy first) when more than one was."""
 
     text: str
+    tags: dict[str, dict[str, float]] | None = None
+    scorer: str | None = None
     match_probability: float | None = None
     itc_cosine: float | None = None
     candidates: tuple[Candidate, ...] = ()
@@ -37,14 +42,17 @@ class Annotation:
 class Runtime(Protocol):
     """A model loaded once per worker process on one device.
 
-    `name` is the annotator's id, stored in each row's `model`; `image_size` is the
-    resolution decode must keep at least (JPEG draft mode); `batch_size` may shrink after
-    an out-of-memory error, so callers read it per micro-batch.
+    `name` is the annotator's id, stored in each row's `model`; `image_size` the side of
+    the square it takes; `decode_size` the side decode may shrink an image to before
+    `to_pixels` (JPEG draft mode, box reduce), or None where the kind's preprocessing must
+    see the full-resolution image to be exact; `batch_size` may shrink after an
+    out-of-memory error, so callers read it per micro-batch.
     """
 
     name: str
     is_placeholder: bool
     image_size: int
+    decode_size: int | None
     batch_size: int
 
     @classmethod
@@ -59,3 +67,26 @@ class Runtime(Protocol):
     def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
         """Results for one micro-batch, in order (preprocess -> predict -> postprocess)."""
         ...
+
+
+def annotate_in_batches(
+    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str
+) -> list[Annotation]:
+    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch)."""
+    return in_batches(runtime, pixels, lambda batch: runtime.annotate(batch, prompt))
+
+
+def in_batches(
+    runtime: Runtime,
+    pixels: Sequence[ModelPixels],
+    annotate: Callable[[Sequence[ModelPixels]], list[T]],
+) -> list[T]:
+    """`annotate` over `pixels` in the runtime's micro-batches (`batch_size` read per batch:
+    it shrinks after an out-of-memory error), results concatenated in order."""
+    results: list[T] = []
+    start = 0
+    while start < len(pixels):
+        size = runtime.batch_size
+        results.extend(annotate(pixels[start : start + size]))
+        start += size
+    return results

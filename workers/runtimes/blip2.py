@@ -32,7 +32,7 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation, Candidate
+from workers.runtimes.base import Annotation, Candidate, annotate_in_batches
 from workers.runtimes.itm import Score, ScoreModel, vision_digest
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class CaptionModel:
         self.dtype = dtype
         self.pixel_spec = PixelSpec.from_processor(processor.image_processor)
         self.image_size: int = model.config.vision_config.image_size
+        # The processor's resize is approximated anyway (tests/test_pixels.py): decode may
+        # shrink to the model's size first, which is most of the decode time saved.
+        self.decode_size: int | None = self.image_size
         if self.pixel_spec.size != self.image_size:
             raise ModelLoadError(
                 f"processor resizes to {self.pixel_spec.size}px but the vision tower of "
@@ -295,7 +298,10 @@ class CaptionModel:
             proposals = [[text, *more] for text, more in zip(captions, samples, strict=True)]
             scores = self.scorer.score(scorer_embeds, proposals)
             results.append(
-                [best_of(texts, found) for texts, found in zip(proposals, scores, strict=True)]
+                [
+                    best_of(texts, found, self.scorer.name)
+                    for texts, found in zip(proposals, scores, strict=True)
+                ]
             )
         return results
 
@@ -346,13 +352,7 @@ class CaptionModel:
 
     def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
         """Captions for `pixels`, in order, in micro-batches of `batch_size`."""
-        captions: list[str] = []
-        start = 0
-        while start < len(pixels):
-            size = self.batch_size
-            captions.extend(self.generate(pixels[start : start + size], prompt))
-            start += size
-        return captions
+        return [result.text for result in annotate_in_batches(self, pixels, prompt)]
 
     def caption(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
         """Captions for decoded images, in order (the worker feeds `caption_pixels` from its
@@ -439,7 +439,7 @@ def sample_seed(pixels: ModelPixels, prompt: str) -> int:
     return int.from_bytes(digest.digest()[:8], "big") >> 1
 
 
-def best_of(texts: Sequence[str], scores: Sequence[Score]) -> Annotation:
+def best_of(texts: Sequence[str], scores: Sequence[Score], scorer: str) -> Annotation:
     """The caption with the highest match probability (the first, greedy, on a tie), with
     every candidate when there was more than one."""
     best = max(range(len(texts)), key=lambda i: (scores[i].match, -i))
@@ -447,4 +447,10 @@ def best_of(texts: Sequence[str], scores: Sequence[Score]) -> Annotation:
         Candidate(text, score.match, score.cosine)
         for text, score in zip(texts, scores, strict=True)
     ) if len(texts) > 1 else ()
-    return Annotation(texts[best], scores[best].match, scores[best].cosine, candidates)
+    return Annotation(
+        texts[best],
+        scorer=scorer,
+        match_probability=scores[best].match,
+        itc_cosine=scores[best].cosine,
+        candidates=candidates,
+    )
