@@ -3,7 +3,9 @@ schema upgrade (on SQLite and the real PostgreSQL)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,6 +131,14 @@ def test_sidecars_per_kind() -> None:
     assert sidecar_key("out", row(None)) == "out/photos/a.jpg.json"
     assert sidecar_key("out", row("caption")) == "out/photos/a.jpg.json"
     assert sidecar_key("out", row("tags")) == "out/photos/a.jpg.tags.json"
+    # A job with several prompts: caption rows of a later prompt get their own key, while
+    # the tags row (prompt '') keeps its kind's key.
+    later = replace(row("caption"), prompt="Question: what? Answer:")
+    digest = hashlib.sha256(later.prompt.encode()).hexdigest()[:12]
+    assert sidecar_key("out", later, main_prompt="") == f"out/photos/a.jpg.{digest}.json"
+    assert sidecar_key("out", row("caption"), main_prompt="") == "out/photos/a.jpg.json"
+    tags = sidecar_key("out", row("tags"), main_prompt="Question: what? Answer:")
+    assert tags == "out/photos/a.jpg.tags.json"
 
 
 OLD_TABLE = """CREATE TABLE captions (

@@ -208,3 +208,34 @@ def test_a_kind_not_served_is_forwarded_to_its_queue(ctx: WorkerContext, root: P
     assert forwarded.annotators == {"tags": "some/tagger"}
     assert (forwarded.items, forwarded.enqueued_at, forwarded.source) == (
         job.items, job.enqueued_at, "backfill")
+
+
+def test_prompts_go_to_the_caption_kind_only(both: WorkerContext, root: Path) -> None:
+    """Two prompts with caption + tags: two caption rows per image (each equal to captioning
+    with that prompt alone), one tags row keyed with prompt '', failures for every row."""
+    photos = photo_bytes()
+    names = ["astronaut.png", "coffee.png"]
+    for name in names:
+        (root / f"p-{name}").write_bytes(photos[name])
+    (root / "p-broken.jpg").write_bytes(b"not an image")
+    uris = [(root / f"p-{name}").as_uri() for name in [*names, "broken.jpg"]]
+    prompts = ("", "Question: what is it? Answer:")
+    job = CaptionJob.create(
+        items=tuple(JobItem(uri=u) for u in uris),
+        annotators={"caption": "tiny-random-blip2", "tags": "tiny-random-wd14"},
+        prompts=prompts, source="cli",
+    )
+    rows = process_job(job, both, BULK_QUEUE).rows
+
+    keys = sorted((r.uri, r.kind, r.prompt) for r in rows)
+    assert keys == sorted(
+        [(u, "caption", p) for u in uris for p in prompts] + [(u, "tags", "") for u in uris]
+    )
+    assert all(r.status == "failed" and "UndecodableImage" in (r.error or "")
+               for r in rows if r.uri == uris[2])
+    captioner = caption_model(both)
+    decoded = [decode_image(photos[name], max_pixels=20_000_000).image for name in names]
+    for prompt in prompts:
+        alone = captioner.caption(decoded, prompt)
+        assert [r.caption for r in rows if r.kind == "caption" and r.prompt == prompt
+                and r.status == "ok"] == alone
