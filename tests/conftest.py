@@ -3,6 +3,7 @@ worker process running the tiny BLIP-2. Nothing is mocked; missing services are 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -163,6 +165,19 @@ def wait_for_rows(
         if len(rows) >= expected or time.monotonic() > deadline:
             return rows
         time.sleep(0.25)
+
+
+def sidecar(s3, key: str, timeout: float = 30) -> dict[str, Any]:
+    """The sidecar JSON at `key` in the uploads bucket; workers put sidecars just after the
+    rows are committed, so wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(s3.get_object(Bucket="uploads", Key=key)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture

@@ -7,17 +7,15 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from captioning.embedded import PrivateRedis
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
-from tests.conftest import free_port, settings_env, wait_for_log, wait_for_rows
+from tests.conftest import free_port, settings_env, sidecar, wait_for_log, wait_for_rows
 from tests.imagefactory import hostile_files, photo_bytes
 from tests.test_pipeline import captioner
 from workers.runtimes.tiny import TINY_SCORER
@@ -104,18 +102,6 @@ def test_two_prompts_scored_with_candidates_into_rows_and_sidecars(
     assert len(records) == sum(
         1 for r in rows if r.match_probability is not None and r.match_probability >= threshold
     )
-
-
-def sidecar(s3, key: str, timeout: float = 30) -> dict[str, Any]:
-    """The sidecar at `key`; the worker puts sidecars just after the rows, so wait for it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return json.loads(s3.get_object(Bucket="uploads", Key=key)["Body"].read())
-        except s3.exceptions.NoSuchKey:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def assert_scored(row: CaptionRow) -> None:

@@ -8,7 +8,6 @@ captions.realtime must have its caption forwarded to the first one.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from captioning.embedded import PrivateRedis, free_port
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
-from tests.conftest import scrape, settings_env, wait_for_log, wait_for_rows
+from tests.conftest import scrape, settings_env, sidecar, wait_for_log, wait_for_rows
 from tests.imagefactory import photo_bytes
 from tests.test_pipeline import captioner
 from tests.test_pipeline import upload as upload_to
@@ -78,18 +77,6 @@ def workers(
 
 def upload(s3, prefix: str, files: dict[str, bytes]) -> list[str]:
     return upload_to(s3, "photos", prefix, files)
-
-
-def sidecar(s3, key: str, timeout: float = 30) -> dict[str, object]:
-    """The sidecar JSON at `key`; sidecars are put just after the rows are committed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return json.loads(s3.get_object(Bucket="uploads", Key=key)["Body"].read())
-        except s3.exceptions.NoSuchKey:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def scrape_until(port: int, name: str, timeout: float = 30) -> dict[str, float]:
