@@ -2,8 +2,10 @@
 
 The model is loaded once per model-holding process: in the pool child under the prefork
 pool (never before the fork: CUDA does not survive one), in the worker process itself under
-the threads pool. The parent serves the merged metrics; the model-holding process warms the
-model up and keeps the health key fresh for the Kubernetes probes.
+the threads pool. The parent serves the merged metrics and, being the process that reserves
+and acks messages, sends the heartbeat that lets other workers requeue its jobs if it
+vanishes; the model-holding process warms the model up and keeps the health key fresh for
+the Kubernetes probes.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
 )
 
 from captioning import metrics
-from captioning.broker import create_app
+from captioning.broker import create_app, redis_client
 from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
+from captioning.heartbeats import Heartbeat, beat_interval_s
 from captioning.settings import get_settings
 from workers.observability import mark_process_dead, serve_metrics
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 app = create_app(get_settings(), include=("workers.tasks",))
 
 _beacon: HealthBeacon | None = None
+_heartbeat: Heartbeat | None = None
 
 
 def _threads_pool() -> bool:
@@ -50,6 +55,19 @@ def _start_worker(**_: object) -> None:
             log.error("cannot serve metrics on port %d (CAPTIONER_METRICS_PORT): %s", port, exc)
     if _threads_pool():
         _load_model()
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: object) -> None:
+    global _heartbeat  # noqa: PLW0603 - one heartbeat per worker (main) process
+    settings = get_settings()
+    _heartbeat = Heartbeat(
+        redis_client(settings.broker_url), ttl_s=settings.heartbeat_ttl_s,
+        held_ttl_s=2 * settings.visibility_timeout_s,
+    )
+    _heartbeat.start()
+    log.info("heartbeat %s every %.1f s; jobs of workers silent for %d s are requeued",
+             _heartbeat.id, beat_interval_s(settings.heartbeat_ttl_s), settings.heartbeat_ttl_s)
 
 
 @worker_process_init.connect
@@ -107,6 +125,8 @@ def _stop_pool_process(**_: object) -> None:
 
 @worker_shutdown.connect
 def _stop_worker(**_: object) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
     if _threads_pool():
         _close()
 
