@@ -1,8 +1,10 @@
 """Event listeners: an SQS long-poller and an HTTP webhook, both feeding one batcher.
 
-Neither acknowledges an event before its jobs are in Redis: the SQS message is deleted, and
-the webhook answers 2xx, only when the batcher's future completes. A crash in between means
-a redelivery, which the deduper turns into nothing.
+Neither acknowledges an event before its uploads are recorded as `pending` rows in the results
+database and their jobs are in Redis: the SQS message is deleted, and the webhook answers
+2xx, only when the batcher's future completes. A crash in between means a redelivery, which
+the deduper turns into nothing; a Redis that loses the jobs afterwards is covered by the
+pending rows, which the reconciler sends again (captioning/reconcile.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from captioning.errors import InvalidEvent
+from captioning.results import PENDING, CaptionRow, ResultsStore, utcnow
 from captioning.settings import Settings
 from producer.batcher import BatcherClosed, LingerBatcher
 from producer.dedupe import Deduper
@@ -34,14 +37,28 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 ENQUEUE_TIMEOUT_S = 30.0
 
 
+def pending_rows(refs: Sequence[ObjectRef], model: str, prompt: str) -> list[CaptionRow]:
+    now = utcnow()
+    return [
+        CaptionRow(
+            uri=ref.uri, bucket=ref.bucket, key=ref.key, etag=ref.etag or "",
+            version_id=ref.version_id, model=model, prompt=prompt, status=PENDING,
+            caption=None, error=None, width=None, height=None, bytes=None,
+            enqueued_at=now, finished_at=now, worker=None, attempts=0,
+        )
+        for ref in refs
+    ]
+
+
 class EventEnqueuer:
-    """The batcher's flush: drop duplicates, then send the rest as realtime jobs."""
+    """The batcher's flush: drop duplicates, record the rest as pending, send them as jobs."""
 
     def __init__(
         self, sender: JobSender, deduper: Deduper, settings: Settings, batch_size: int
     ) -> None:
         self._sender = sender
         self._deduper = deduper
+        self._results = ResultsStore(settings.database_url)
         self._settings = settings
         self._batch_size = batch_size
         self.duplicates = 0
@@ -50,6 +67,9 @@ class EventEnqueuer:
         fresh = self._deduper.claim(refs)
         self.duplicates += len(refs) - len(fresh)
         try:
+            self._results.record_pending(
+                pending_rows(fresh, self._settings.model, self._settings.prompt)
+            )
             for job in make_jobs(
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,

@@ -29,6 +29,8 @@ from captioning.broker import create_app, redis_client
 from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
 from captioning.heartbeats import Heartbeat, beat_interval_s
+from captioning.reconcile import Reconciler
+from captioning.results import ResultsStore
 from captioning.settings import get_settings
 from workers.observability import mark_process_dead, serve_metrics
 
@@ -38,6 +40,7 @@ app = create_app(get_settings(), include=("workers.tasks",))
 
 _beacon: HealthBeacon | None = None
 _heartbeat: Heartbeat | None = None
+_reconciler: Reconciler | None = None
 
 
 def _threads_pool() -> bool:
@@ -58,16 +61,22 @@ def _start_worker(**_: object) -> None:
 
 
 @worker_ready.connect
-def _start_heartbeat(**_: object) -> None:
-    global _heartbeat  # noqa: PLW0603 - one heartbeat per worker (main) process
+def _start_fleet_duties(**_: object) -> None:
+    """The heartbeat, and the reconciler of pending uploads (one sweeps at a time)."""
+    global _heartbeat, _reconciler  # noqa: PLW0603 - one of each per worker (main) process
     settings = get_settings()
+    client = redis_client(settings.broker_url)
     _heartbeat = Heartbeat(
-        redis_client(settings.broker_url), ttl_s=settings.heartbeat_ttl_s,
-        held_ttl_s=2 * settings.visibility_timeout_s,
+        client, ttl_s=settings.heartbeat_ttl_s, held_ttl_s=2 * settings.visibility_timeout_s
     )
     _heartbeat.start()
     log.info("heartbeat %s every %.1f s; jobs of workers silent for %d s are requeued",
              _heartbeat.id, beat_interval_s(settings.heartbeat_ttl_s), settings.heartbeat_ttl_s)
+    _reconciler = Reconciler(
+        app, client, ResultsStore(settings.database_url),
+        requeue_after_s=settings.pending_requeue_after_s, owner=_heartbeat.id,
+    )
+    _reconciler.start()
 
 
 @worker_process_init.connect
@@ -125,6 +134,8 @@ def _stop_pool_process(**_: object) -> None:
 
 @worker_shutdown.connect
 def _stop_worker(**_: object) -> None:
+    if _reconciler is not None:
+        _reconciler.stop()
     if _heartbeat is not None:
         _heartbeat.stop()
     if _threads_pool():
