@@ -13,7 +13,7 @@ from celery import Celery
 
 # captioning/cli.py imports redis_client from here until the CLI moves to cli/.
 from captioning.connections import redis_client  # noqa: F401
-from captioning.keys import UNACKED_KEY
+from captioning.keys import UNACKED_INDEX_KEY, UNACKED_KEY
 from captioning.messages import BULK_QUEUE, TASK_NAME
 from captioning.settings import Settings
 
@@ -36,6 +36,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "queue_order_strategy": "priority",
         # Named here so the exporter and `status` read the very hash kombu writes.
         "unacked_key": UNACKED_KEY,
+        "unacked_index_key": UNACKED_INDEX_KEY,
         # Longer than the longest job plus its longest retry countdown (celery#5935).
         "visibility_timeout": settings.visibility_timeout_s,
         # The sweep restores what the heartbeat reaper released (captioning/heartbeats.py)

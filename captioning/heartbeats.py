@@ -37,11 +37,9 @@ from dataclasses import dataclass
 
 import redis
 
-log = logging.getLogger(__name__)
+from captioning.keys import HEARTBEATS_KEY, HELD_PREFIX, UNACKED_INDEX_KEY, held_key
 
-BEATS_KEY = "captioner:heartbeats"
-HELD_KEY = "captioner:held:{}"
-UNACKED_INDEX_KEY = "unacked_index"
+log = logging.getLogger(__name__)
 
 _BEAT = """
 local now = redis.call('TIME')[1]
@@ -76,10 +74,6 @@ def worker_id() -> str:
     return _worker_id[1]
 
 
-def held_key(worker: str) -> str:
-    return HELD_KEY.format(worker)
-
-
 def beat_interval_s(ttl_s: float) -> float:
     return max(0.5, ttl_s / 4)
 
@@ -112,11 +106,11 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        self._beat(keys=[BEATS_KEY, held_key(self._id)], args=[self._id, self._held_ttl_s])
+        self._beat(keys=[HEARTBEATS_KEY, held_key(self._id)], args=[self._id, self._held_ttl_s])
 
     def reap(self) -> Reaped:
         workers, jobs = self._reap(
-            keys=[BEATS_KEY, UNACKED_INDEX_KEY], args=[self._ttl_s, HELD_KEY.format("")]
+            keys=[HEARTBEATS_KEY, UNACKED_INDEX_KEY], args=[self._ttl_s, HELD_PREFIX]
         )
         return Reaped(int(workers), int(jobs))
 
@@ -125,7 +119,8 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self._client.pipeline().zrem(BEATS_KEY, self._id).delete(held_key(self._id)).execute()
+            pipe = self._client.pipeline()
+            pipe.zrem(HEARTBEATS_KEY, self._id).delete(held_key(self._id)).execute()
         except redis.RedisError as exc:
             log.warning("cannot remove this worker's heartbeat (%s); it expires by itself", exc)
 

@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 import redis
 from celery import Celery
 
+from captioning.keys import RECONCILER_LOCK_KEY
 from captioning.messages import REALTIME_QUEUE, TASK_NAME, CaptionJob, JobItem
 from captioning.queues import queue_stats_for
 from captioning.results import CaptionRow, ResultsStore, utcnow
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "captioner:reconciler"
 SWEEP_LIMIT = 1024
 JOB_IMAGES = 32
 
@@ -110,7 +110,7 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                if not self._redis.set(LOCK_KEY, self._owner, nx=True,
+                if not self._redis.set(RECONCILER_LOCK_KEY, self._owner, nx=True,
                                        px=int(self._interval_s * 1000)):
                     continue  # another worker or the exporter sweeps this round
                 swept = self.sweep()

@@ -19,7 +19,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-from captioning.heartbeats import held_key, worker_id
+from captioning.heartbeats import worker_id
+from captioning.keys import held_key
 
 log = logging.getLogger(__name__)
 

@@ -14,16 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from captioning.broker import create_app
-from captioning.heartbeats import BEATS_KEY, UNACKED_INDEX_KEY, Heartbeat, held_key
+from captioning.connections import redis_client
+from captioning.heartbeats import Heartbeat
+from captioning.keys import HEARTBEATS_KEY, UNACKED_INDEX_KEY, done_key, held_key
 from captioning.results import ResultsStore
 from captioning.settings import Settings
 from tests.conftest import settings_env
 from tests.faults import RedisServer, Rig, Worker, one_row_each, put, wait_until
 from tests.imagefactory import photo_bytes
-from workers.delivery import DONE_KEY
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,7 +51,7 @@ def holder(rig: Rig) -> Worker:
     client = rig.client
 
     def find() -> Worker | None:
-        for member in client.zrange(BEATS_KEY, 0, -1):
+        for member in client.zrange(HEARTBEATS_KEY, 0, -1):
             worker_id = member.decode()
             if client.scard(held_key(worker_id)):
                 pid = int(worker_id.split(":")[1])
@@ -122,7 +122,7 @@ def test_a_worker_stalled_for_less_than_the_heartbeat_ttl_keeps_its_job(
 
     rows = one_row_each(rig.results, uris, timeout=60)
     client = rig.client
-    wait_until(lambda: client.exists(DONE_KEY.format(job_id)) and client.hlen("unacked") == 0,
+    wait_until(lambda: client.exists(done_key(job_id)) and client.hlen("unacked") == 0,
                30, "the job's ack")
     time.sleep(rig.settings.heartbeat_ttl_s / 2)  # room for a wrong second run to show
     rows = one_row_each(rig.results, uris, timeout=1)
@@ -130,7 +130,7 @@ def test_a_worker_stalled_for_less_than_the_heartbeat_ttl_keeps_its_job(
     assert {r.worker.rsplit(":", 1)[1] for r in rows.values()} <= {
         str(pid) for pid in stalled.pool_pids()}
     assert all("go back to their queues" not in w.log() for w in rig.workers)
-    assert client.zcard(BEATS_KEY) == 2
+    assert client.zcard(HEARTBEATS_KEY) == 2
 
 
 def test_the_reaper_claims_a_dead_worker_s_jobs_once_and_spares_live_ones(
@@ -138,11 +138,11 @@ def test_the_reaper_claims_a_dead_worker_s_jobs_once_and_spares_live_ones(
 ) -> None:
     client = broker.client()
     now = int(client.time()[0])
-    client.zadd(BEATS_KEY, {"dead-host:1:a": now - 60, "live-host:2:b": now - 2})
+    client.zadd(HEARTBEATS_KEY, {"dead-host:1:a": now - 60, "live-host:2:b": now - 2})
     client.sadd(held_key("dead-host:1:a"), "tag-dead", "tag-acked")
     client.sadd(held_key("live-host:2:b"), "tag-live")
     client.zadd(UNACKED_INDEX_KEY, {"tag-dead": now - 30, "tag-live": now - 30})
-    reaper = Heartbeat(redis.Redis.from_url(broker.url), ttl_s=20, held_ttl_s=3600)
+    reaper = Heartbeat(redis_client(broker.url), ttl_s=20, held_ttl_s=3600)
 
     first = reaper.reap()
     second = reaper.reap()
@@ -154,4 +154,4 @@ def test_the_reaper_claims_a_dead_worker_s_jobs_once_and_spares_live_ones(
     assert client.zscore(UNACKED_INDEX_KEY, "tag-acked") is None
     assert not client.exists(held_key("dead-host:1:a"))
     assert client.smembers(held_key("live-host:2:b")) == {b"tag-live"}
-    assert [m.decode() for m in client.zrange(BEATS_KEY, 0, -1)] == ["live-host:2:b"]
+    assert [m.decode() for m in client.zrange(HEARTBEATS_KEY, 0, -1)] == ["live-host:2:b"]

@@ -15,9 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 
 from captioning.broker import create_app
+from captioning.connections import redis_client
 from captioning.messages import REALTIME_QUEUE
 from captioning.reconcile import jobs_for, left_the_queue
 from captioning.results import PENDING, CaptionRow, ResultsStore, utcnow
@@ -50,7 +50,7 @@ def fast_settings(settings: Settings, broker: RedisServer) -> Settings:
 
 @pytest.fixture
 def webhook_port(fast_settings: Settings) -> Iterator[int]:
-    client = redis.Redis.from_url(fast_settings.broker_url)
+    client = redis_client(fast_settings.broker_url)
     with JobSender(create_app(fast_settings), REALTIME_QUEUE) as sender:
         enqueuer = EventEnqueuer(sender, Deduper(client), fast_settings, batch_size=8)
         batcher = LingerBatcher(enqueuer, batch_size=8, linger_s=0.05)

@@ -25,7 +25,8 @@ from celery.signals import (
 )
 
 from captioning import metrics
-from captioning.broker import create_app, redis_client
+from captioning.broker import create_app
+from captioning.connections import redis_client
 from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
 from captioning.heartbeats import Heartbeat, beat_interval_s
@@ -65,7 +66,7 @@ def _start_fleet_duties(**_: object) -> None:
     """The heartbeat, and the reconciler of pending uploads (one sweeps at a time)."""
     global _heartbeat, _reconciler  # noqa: PLW0603 - one of each per worker (main) process
     settings = get_settings()
-    client = redis_client(settings.broker_url)
+    client = redis_client(settings.broker_url, retries=0, timeout_s=5)  # both loop on errors
     _heartbeat = Heartbeat(
         client, ttl_s=settings.heartbeat_ttl_s, held_ttl_s=2 * settings.visibility_timeout_s
     )
