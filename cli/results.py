@@ -7,9 +7,9 @@ import csv
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TextIO
+from typing import TextIO, get_args
 
-from captioning.results import CaptionRow, ResultsStore
+from captioning.results import CaptionRow, ResultsStore, Status
 from captioning.settings import get_settings
 from cli.arguments import positive
 
@@ -18,7 +18,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     results = commands.add_parser("results", help="print caption rows")
     results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
-    results.add_argument("--status", choices=("ok", "failed"))
+    results.add_argument("--status", choices=get_args(Status),
+                         help="pending: uploads accepted, no result yet")
     results.add_argument("--limit", type=positive)
     results.set_defaults(run=cmd_results)
 
@@ -50,7 +51,7 @@ def format_table(records: Sequence[dict[str, object]]) -> str:
         (
             str(r["status"]),
             shorten(str(r["uri"]), 60, keep_end=True),
-            shorten(str(r["caption"] if r["status"] == "ok" else r["error"]), 70),
+            shorten(str(r["caption"] if r["status"] == "ok" else r["error"] or ""), 70),
         )
         for r in records
     ]

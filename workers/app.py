@@ -15,6 +15,7 @@ import os
 import signal
 from typing import Any
 
+import redis
 from celery.signals import (
     task_postrun,
     worker_init,
@@ -27,6 +28,7 @@ from celery.signals import (
 from captioning import metrics
 from captioning.broker import create_app
 from captioning.connections import redis_client
+from captioning.durability import read_durability
 from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
 from captioning.heartbeats import Heartbeat, beat_interval_s
@@ -78,6 +80,17 @@ def _start_fleet_duties(**_: object) -> None:
         requeue_after_s=settings.pending_requeue_after_s, owner=_heartbeat.id,
     )
     _reconciler.start()
+    _warn_if_redis_can_lose_jobs(client)
+
+
+def _warn_if_redis_can_lose_jobs(client: redis.Redis) -> None:
+    try:
+        warnings = read_durability(client).warnings()
+    except redis.RedisError as exc:
+        log.warning("cannot check whether Redis keeps its data (%s)", type(exc).__name__)
+        return
+    for warning in warnings:
+        log.warning("%s (see the README, Deploy)", warning)
 
 
 @worker_process_init.connect
