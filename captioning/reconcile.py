@@ -28,6 +28,7 @@ from captioning.keys import RECONCILER_LOCK_KEY
 from captioning.messages import REALTIME_QUEUE, TASK_NAME, CaptionJob, JobItem
 from captioning.queues import queue_stats_for
 from captioning.results import CaptionRow, ResultsStore, utcnow
+from captioning.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,15 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    @classmethod
+    def start_in_fleet(
+        cls, settings: Settings, app: Celery, client: redis.Redis, owner: str
+    ) -> Reconciler:
+        """The sweeping thread of a worker or the exporter, on this fleet's settings."""
+        reconciler = cls(app, client, ResultsStore(settings.database_url),
+                         requeue_after_s=settings.pending_requeue_after_s, owner=owner)
+        reconciler._thread.start()
+        return reconciler
 
     def stop(self) -> None:
         self._stop.set()

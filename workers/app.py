@@ -33,7 +33,6 @@ from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
 from captioning.heartbeats import Heartbeat, beat_interval_s
 from captioning.reconcile import Reconciler
-from captioning.results import ResultsStore
 from captioning.settings import get_settings
 from workers.observability import mark_process_dead, serve_metrics
 
@@ -75,11 +74,7 @@ def _start_fleet_duties(**_: object) -> None:
     _heartbeat.start()
     log.info("heartbeat %s every %.1f s; jobs of workers silent for %d s are requeued",
              _heartbeat.id, beat_interval_s(settings.heartbeat_ttl_s), settings.heartbeat_ttl_s)
-    _reconciler = Reconciler(
-        app, client, ResultsStore(settings.database_url),
-        requeue_after_s=settings.pending_requeue_after_s, owner=_heartbeat.id,
-    )
-    _reconciler.start()
+    _reconciler = Reconciler.start_in_fleet(settings, app, client, owner=_heartbeat.id)
     _warn_if_redis_can_lose_jobs(client)
 
 
