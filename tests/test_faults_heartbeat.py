@@ -155,3 +155,32 @@ def test_the_reaper_claims_a_dead_worker_s_jobs_once_and_spares_live_ones(
     assert not client.exists(held_key("dead-host:1:a"))
     assert client.smembers(held_key("live-host:2:b")) == {b"tag-live"}
     assert [m.decode() for m in client.zrange(HEARTBEATS_KEY, 0, -1)] == ["live-host:2:b"]
+
+
+def test_a_worker_cut_off_past_the_ttl_loses_its_job_and_finishing_it_keeps_one_row(
+    s3, rig: Rig, prefix: str
+) -> None:
+    rig.start_worker()
+    rig.start_worker()
+    uris = images(s3, prefix, 8)
+    job_id = f"cut-{uuid.uuid4().hex}"
+    rig.send(uris, job_id)
+    rig.started(job_id)
+    cut_off = holder(rig)
+    other = next(w for w in rig.workers if w is not cut_off)
+    os.killpg(cut_off.pid, signal.SIGSTOP)  # partitioned (or frozen) past the heartbeat TTL
+    try:
+        rows = one_row_each(rig.results, uris, timeout=rig.settings.heartbeat_ttl_s + 60)
+        assert all(r.attempts == 1 for r in rows.values())  # written by the other worker
+    finally:
+        os.killpg(cut_off.pid, signal.SIGCONT)
+    assert "go back to their queues" in other.log()
+
+    def written_twice() -> bool:
+        found = one_row_each(rig.results, uris, timeout=1)
+        return all(r.attempts == 2 for r in found.values())
+
+    wait_until(written_twice, 60, "the cut-off worker to finish its copy")
+    client = rig.client
+    wait_until(lambda: client.hlen("unacked") == 0, 30, "both deliveries acked")
+    assert len(one_row_each(rig.results, uris, timeout=1)) == 8

@@ -20,6 +20,8 @@ import pytest
 
 from captioning.broker import create_app
 from captioning.connections import redis_client
+from captioning.embedded import free_port
+from captioning.errors import DatabaseUnavailable
 from captioning.messages import REALTIME_QUEUE
 from captioning.reconcile import jobs_for, left_the_queue
 from captioning.results import PENDING, CaptionRow, ResultsStore, utcnow
@@ -164,3 +166,20 @@ def test_the_reconciler_sends_only_what_has_left_the_queue() -> None:
     jobs = jobs_for(rows, 32)
     assert [len(job.items) for job in jobs] == [32, 32, 6]
     assert {(job.model, job.prompt, job.source) for job in jobs} == {("m", "p", "event")}
+
+
+def test_an_upload_that_cannot_be_recorded_is_not_acknowledged(
+    fast_settings: Settings, broker: RedisServer
+) -> None:
+    """Database down: the flush fails (webhook 503, SQS message kept), nothing is queued, and
+    the dedupe claim is released so the sender's retry is not dropped."""
+    unreachable = fast_settings.model_copy(
+        update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/none"})
+    client = broker.client()
+    ref = ObjectRef(bucket="photos", key="down.jpg", etag="e1")
+    with JobSender(create_app(unreachable), REALTIME_QUEUE) as sender:
+        enqueuer = EventEnqueuer(sender, Deduper(client), unreachable, batch_size=8)
+        with pytest.raises(DatabaseUnavailable):
+            enqueuer([ref])
+    assert client.llen(REALTIME_QUEUE) == 0
+    assert Deduper(client).claim([ref]) == [ref]

@@ -26,7 +26,7 @@ from captioning.checkpoints import Checkpoint, Checkpoints
 from captioning.embedded import free_port
 from captioning.messages import CaptionJob
 from captioning.queues import job_of
-from captioning.results import CaptionRow
+from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from captioning.storage import S3Store
 from captioning.uris import parse_prefix
@@ -150,7 +150,9 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> None:
 
 
 @pytest.fixture
-def webhook(settings: Settings, test_queue: str) -> Iterator[tuple[int, str]]:
+def webhook(
+    settings: Settings, test_queue: str, results: ResultsStore  # where uploads are recorded
+) -> Iterator[tuple[int, str]]:
     client = redis.Redis.from_url(settings.broker_url)
     with JobSender(create_app(settings), test_queue) as sender:
         enqueuer = EventEnqueuer(sender, Deduper(client, ttl_s=60), settings, batch_size=8)
