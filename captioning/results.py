@@ -170,13 +170,17 @@ class ResultsStore:
         if not present:
             raise ConfigError(NO_TABLE)
 
-    def upsert(self, rows: Sequence[CaptionRow]) -> None:
-        if not rows:
-            return
+    def _insert(self, rows: Sequence[CaptionRow]) -> Any:
+        """An INSERT of `rows` in this database's dialect, which knows ON CONFLICT."""
         values = [{"id": row.row_id, **asdict(row)} for row in rows]
         dialect = self.engine.dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(captions).values(values)
+        return insert(captions).values(values)
+
+    def upsert(self, rows: Sequence[CaptionRow]) -> None:
+        if not rows:
+            return
+        statement = self._insert(rows)
         updated = {
             column.name: statement.excluded[column.name]
             for column in captions.columns
@@ -202,10 +206,7 @@ class ResultsStore:
         """Insert `pending` rows; a row already there (a result, or pending) is left alone."""
         if not rows:
             return
-        values = [{"id": row.row_id, **asdict(row)} for row in rows]
-        dialect = self.engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(captions).values(values).on_conflict_do_nothing(index_elements=["id"])
+        statement = self._insert(rows).on_conflict_do_nothing(index_elements=["id"])
         with self._connection(write=True) as conn:
             conn.execute(statement)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +13,6 @@ from captioning.exporter import durability_families
 from captioning.settings import Settings
 from tests.conftest import settings_env
 from tests.faults import RedisServer
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    """Started with no AOF and no RDB snapshots (tests/faults.py)."""
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize(

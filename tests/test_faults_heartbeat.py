@@ -29,13 +29,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def rig(
     settings: Settings, broker: RedisServer, results: ResultsStore, tmp_path: Path
 ) -> Iterator[Rig]:

@@ -41,13 +41,6 @@ SECRET = "uploads-secret"
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def fast_settings(settings: Settings, broker: RedisServer) -> Settings:
     return settings.model_copy(update={"broker_url": broker.url, "pending_requeue_after_s": 3})
 

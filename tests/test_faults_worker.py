@@ -35,14 +35,6 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    """A fresh Redis per test: what one test leaves unacked must not count in the next."""
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def fault_settings(settings: Settings, broker: RedisServer) -> Settings:
     return settings.model_copy(update={
         "broker_url": broker.url, "job_time_limit_s": 10, "retry_backoff_max_s": 2,
