@@ -81,6 +81,8 @@ class Soak:
     faults: list[str] = field(default_factory=list)
     kills: list[WorkerKill] = field(default_factory=list)
     enqueued: int = 0
+    #: Images missing when the queues ran empty, enqueued again by a backfill.
+    found_by_backfill: int = 0
     starts: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -263,6 +265,7 @@ def run(soak: Soak, results: ResultsStore, total: int) -> None:
             idle_since = idle_since or time.monotonic()
             if time.monotonic() - idle_since > 15:
                 soak.log(f"queues empty with {total - distinct} images missing: backfill again")
+                soak.found_by_backfill += total - distinct
                 soak.backfill()
                 idle_since = None
         else:
@@ -356,6 +359,7 @@ def main() -> int:
             f"drained in {drained:.0f} s ({args.images / drained:.1f} images/s)"
         )
         print(f"rows written more than once (captioned again after a fault): {again}")
+        print(f"images whose jobs Redis lost, found again by a backfill: {soak.found_by_backfill}")
         stop.set()
         watcher.join()
         report_kills(soak.kills, Settings(**settings_of(soak.env)))
