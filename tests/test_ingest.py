@@ -105,7 +105,10 @@ def test_sqs_listener_captions_an_upload_once_and_deletes_its_messages(
         env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        rows = rows_under(f"s3://uploads/{prefix}", 1, timeout=60)
+        # The listener records the upload as pending first; the worker's row replaces it.
+        wait_until(lambda: [r.status for r in rows_under(f"s3://uploads/{prefix}", 1)] == ["ok"],
+                   timeout=60)
+        rows = rows_under(f"s3://uploads/{prefix}", 1)
         assert [(r.key, r.status, r.etag) for r in rows] == [(key, "ok", etag.strip('"'))]
         wait_until(lambda: queue_size(sqs, queue_url) == 0, timeout=20)
     finally:
