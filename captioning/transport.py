@@ -9,6 +9,8 @@ body (pickle, YAML, garbage) are already refused by Celery (`accept_content=["js
 It also records which worker holds each reserved message (captioning/heartbeats.py), so the
 job of a worker that vanishes goes back to its queue within a heartbeat TTL, not a
 visibility timeout.
+
+`_brpop_read` is private to kombu, which is why pyproject.toml pins kombu to one minor.
 """
 
 from __future__ import annotations

@@ -23,13 +23,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue = commands.add_parser("enqueue", help="send image URIs to the workers")
     enqueue.add_argument("uris", nargs="*", metavar="URI", help="s3://bucket/key or file:///path")
     enqueue.add_argument("--from-file", metavar="F", help="read URIs, one per line ('-' = stdin)")
-    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
+    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
+                         help="queue to send to (default %(default)s, served first)")
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
-    backfill.add_argument("prefix", metavar="s3://bucket/prefix")
-    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES)
+    backfill.add_argument("prefix", metavar="s3://bucket/prefix",
+                          help="list every image key under this prefix")
+    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
+                          help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
@@ -80,8 +83,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import create_app
     from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.connections import redis_client
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
     from producer.backfill import Filters, Pacing, backfill

@@ -16,11 +16,13 @@ from cli.arguments import positive
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     results = commands.add_parser("results", help="print caption rows")
-    results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+    results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table",
+                         help="output format (default %(default)s)")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
     results.add_argument("--status", choices=get_args(Status),
-                         help="pending: uploads accepted, no result yet")
-    results.add_argument("--limit", type=positive)
+                         help="only rows with this status (pending: uploads accepted, no "
+                              "result yet)")
+    results.add_argument("--limit", type=positive, metavar="N", help="print at most N rows")
     results.set_defaults(run=cmd_results)
 
 
