@@ -10,7 +10,8 @@ It also records which worker holds each reserved message (captioning/heartbeats.
 job of a worker that vanishes goes back to its queue within a heartbeat TTL, not a
 visibility timeout.
 
-`_brpop_read` is private to kombu, which is why pyproject.toml pins kombu to one minor.
+`_brpop_read` and the QoS hooks are private to kombu, which is why pyproject.toml pins kombu
+to one minor.
 """
 
 from __future__ import annotations
