@@ -51,7 +51,8 @@ def webhook_port(fast_settings: Settings) -> Iterator[int]:
     with JobSender(create_app(fast_settings), REALTIME_QUEUE) as sender:
         enqueuer = EventEnqueuer(sender, Deduper(client), fast_settings, batch_size=8)
         batcher = LingerBatcher(enqueuer, batch_size=8, linger_s=0.05)
-        server = WebhookServer(("127.0.0.1", 0), batcher, secret=SECRET)
+        server = WebhookServer(("127.0.0.1", 0), batcher, secret=SECRET,
+                               socket_timeout_s=fast_settings.webhook_timeout_s)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         yield server.server_address[1]
         server.shutdown()
