@@ -25,6 +25,7 @@ import redis
 from celery import Celery
 
 from captioning.keys import RECONCILER_LOCK_KEY
+from captioning.kinds import CAPTION
 from captioning.messages import REALTIME_QUEUE, TASK_NAME, CaptionJob, JobItem
 from captioning.queues import queue_stats_for
 from captioning.results import CaptionRow, ResultsStore, utcnow
@@ -49,17 +50,19 @@ def left_the_queue(handed_at: datetime, oldest_waiting_s: float, waiting: int,
 
 
 def jobs_for(rows: Sequence[CaptionRow], size: int) -> list[CaptionJob]:
-    """Pending rows as realtime jobs, grouped by model and prompt, `size` images each."""
-    groups: dict[tuple[str, str], list[JobItem]] = defaultdict(list)
+    """Pending rows as realtime jobs, one kind and model each (a row of a job asking for
+    several kinds comes back alone), grouped by prompt, `size` images each."""
+    groups: dict[tuple[str, str, str], list[JobItem]] = defaultdict(list)
     for row in rows:
-        groups[(row.model, row.prompt)].append(
+        groups[(row.kind or CAPTION.name, row.model, row.prompt)].append(
             JobItem(uri=row.uri, etag=row.etag or None, version_id=row.version_id)
         )
     jobs = []
-    for (model, prompt), items in groups.items():
+    for (kind, model, prompt), items in groups.items():
         for start in range(0, len(items), size):
-            jobs.append(CaptionJob(items=tuple(items[start : start + size]), model=model,
-                                   prompt=prompt, source="event"))
+            jobs.append(CaptionJob.create(items=tuple(items[start : start + size]),
+                                          annotators={kind: model}, prompt=prompt,
+                                          source="event"))
     return jobs
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from captioning.errors import ConfigError
+from captioning.kinds import KINDS
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import ResultsStore
 from captioning.settings import get_settings
-from cli.arguments import per_second, positive, since_date
+from cli.arguments import kind_list, per_second, positive, since_date
 
 log = logging.getLogger("captioner")
 
@@ -26,6 +28,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
                          help="queue to send to (default %(default)s, served first)")
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(enqueue)
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
@@ -34,9 +37,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
                           help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(backfill)
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-        help="skip images that already have a row for this model and prompt (default: on)",
+        help="ask each image only for the kinds it has no row for yet (that kind's model, and "
+        "the prompt where the kind reads one) (default: on)",
     )
     backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
     backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
@@ -59,14 +64,51 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.set_defaults(run=cmd_backfill)
 
 
-def read_uris(args: argparse.Namespace) -> Iterator[str]:
-    yield from args.uris
-    if args.from_file:
-        handle: TextIO = sys.stdin if args.from_file == "-" else open(args.from_file)  # noqa: SIM115
-        with handle:
-            for line in handle:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    yield line.strip()
+def add_kind_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kind", type=kind_list, metavar="KIND[,KIND...]",
+        help=f"what to produce for each image: {', '.join(KINDS)} "
+        "(default: CAPTIONER_KINDS); each kind's model comes from its setting",
+    )
+
+
+@contextmanager
+def uri_file(path: str | None) -> Iterator[Iterable[str]]:
+    """The lines of --from-file (stdin for '-'), opened before anything is sent."""
+    if path is None:
+        yield ()
+        return
+    try:
+        handle: TextIO = sys.stdin if path == "-" else open(path)  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc.strerror}): give a readable file of URIs"
+        ) from exc
+    with handle:
+        yield handle
+
+
+def read_uris(uris: Iterable[str], lines: Iterable[str], path: str | None) -> Iterator[str]:
+    """The URIs given as arguments, then the file's, without blank lines and # comments."""
+    for uri in uris:
+        yield text(uri, f"the argument {uri!r}")
+    try:
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield text(line.strip(), f"--from-file {path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc}): give a text file of URIs, one per line"
+        ) from exc
+
+
+def text(uri: str, origin: str) -> str:
+    """Bytes that are not UTF-8 reach us as surrogates (argv, stdin): refuse them here."""
+    try:
+        uri.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{origin} is not UTF-8 text: give URIs as UTF-8") from exc
+    return uri
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -76,8 +118,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
-    with JobSender(create_app(settings), args.queue) as sender:
-        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
+    app = create_app(settings, one_shot=True)
+    with uri_file(args.from_file) as lines, JobSender(app, args.queue) as sender:
+        uris = read_uris(args.uris, lines, args.from_file)
+        enqueue_uris(uris, sender, settings, batch_size=args.batch_size, kinds=args.kind)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
@@ -130,17 +174,20 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             settings=settings, batch_size=args.batch_size, checkpoint=checkpoint,
             checkpoints=checkpoints, pacing=pacing, limit=args.limit,
             filters=Filters(prefix=source.key, since=args.since, match=args.match),
-            on_progress=lambda cp: progress.update(cp, paused()),
+            on_progress=lambda cp: progress.update(cp, paused()), kinds=args.kind,
         )
 
     try:
         if args.dry_run:
             report = run(None)
         else:
-            with JobSender(create_app(settings), args.queue) as sender:
+            with JobSender(create_app(settings, one_shot=True), args.queue) as sender:
                 report = run(sender)
-    finally:
-        progress.close(checkpoint, paused())
+    except BaseException:
+        if checkpoint.enqueued:  # where a run that got going stopped; nothing to say otherwise
+            progress.close(checkpoint, paused())
+        raise
+    progress.close(checkpoint, paused())
     verb = "would enqueue" if args.dry_run else "enqueued"
     print(
         f"listed {report.listed} objects, {report.images} images; skipped {report.skipped} "

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO, get_args
 
+from captioning.kinds import CAPTION, KINDS
 from captioning.results import CaptionRow, ResultsStore, Status
 from captioning.settings import get_settings
 from cli.arguments import positive
@@ -22,13 +23,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     results.add_argument("--status", choices=get_args(Status),
                          help="only rows with this status (pending: uploads accepted, no "
                               "result yet)")
+    results.add_argument("--kind", choices=tuple(KINDS),
+                         help="only rows of this kind (caption includes rows from before kinds)")
     results.add_argument("--limit", type=positive, metavar="N", help="print at most N rows")
     results.set_defaults(run=cmd_results)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     rows = ResultsStore(get_settings().database_url).rows(
-        prefix=args.prefix, status=args.status, limit=args.limit
+        prefix=args.prefix, status=args.status, kind=args.kind, limit=args.limit
     )
     write_rows(rows, args.format, sys.stdout)
     return 0
@@ -42,16 +45,21 @@ def write_rows(rows: Iterable[CaptionRow], fmt: str, out: TextIO) -> None:
     elif fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(CaptionRow.__dataclass_fields__))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(
+            {**record, "tags": json.dumps(record["tags"], ensure_ascii=False)}
+            if record["tags"] is not None else record
+            for record in records
+        )
     else:
         out.write(format_table(records))
 
 
 def format_table(records: Sequence[dict[str, object]]) -> str:
-    columns = ("status", "uri", "caption / error")
+    columns = ("status", "kind", "uri", "caption / error")
     cells = [
         (
             str(r["status"]),
+            str(r["kind"] or CAPTION.name),
             shorten(str(r["uri"]), 60, keep_end=True),
             shorten(str(r["caption"] if r["status"] == "ok" else r["error"] or ""), 70),
         )

@@ -15,14 +15,16 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from captioning.errors import InvalidEvent
+from captioning.errors import ConfigError, InvalidEvent
+from captioning.kinds import annotators, row_prompt
 from captioning.results import PENDING, CaptionRow, ResultsStore, utcnow
 from captioning.settings import Settings
 from producer.batcher import BatcherClosed, LingerBatcher
@@ -37,16 +39,20 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 ENQUEUE_TIMEOUT_S = 30.0
 
 
-def pending_rows(refs: Sequence[ObjectRef], model: str, prompt: str) -> list[CaptionRow]:
+def pending_rows(
+    refs: Sequence[ObjectRef], annotators: Mapping[str, str], prompt: str
+) -> list[CaptionRow]:
+    """One pending row per image and kind, keyed as the worker will key its result."""
     now = utcnow()
     return [
         CaptionRow(
             uri=ref.uri, bucket=ref.bucket, key=ref.key, etag=ref.etag or "",
-            version_id=ref.version_id, model=model, prompt=prompt, status=PENDING,
-            caption=None, error=None, width=None, height=None, bytes=None,
-            enqueued_at=now, finished_at=now, worker=None, attempts=0,
+            version_id=ref.version_id, model=model, prompt=row_prompt(kind, prompt),
+            status=PENDING, caption=None, error=None, width=None, height=None, bytes=None,
+            enqueued_at=now, finished_at=now, worker=None, attempts=0, kind=kind,
         )
         for ref in refs
+        for kind, model in annotators.items()
     ]
 
 
@@ -67,13 +73,12 @@ class EventEnqueuer:
         fresh = self._deduper.claim(refs)
         self.duplicates += len(refs) - len(fresh)
         try:
-            self._results.record_pending(
-                pending_rows(fresh, self._settings.model, self._settings.prompt)
-            )
+            wanted = annotators(self._settings, self._settings.kinds)
+            self._results.record_pending(pending_rows(fresh, wanted, self._settings.prompt))
             for job in make_jobs(
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,
-                model=self._settings.model,
+                annotators=wanted,
                 prompt=self._settings.prompt,
                 source="event",
             ):
@@ -82,6 +87,30 @@ class EventEnqueuer:
             self._deduper.release(fresh)
             raise
         log.debug("enqueued %d event images (%d duplicates)", len(fresh), len(refs) - len(fresh))
+
+
+def open_queue(queue_url: str, endpoint_url: str | None) -> Any:
+    """An SQS client that has read the queue once: a wrong URL, region or credential fails
+    the listener at start, instead of filling its log with retries that never succeed."""
+    try:
+        client = boto3.client("sqs", endpoint_url=endpoint_url)
+        client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    except NoCredentialsError as exc:
+        raise ConfigError(
+            f"no AWS credentials for SQS ({exc}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role (IRSA)"
+        ) from exc
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise ConfigError(
+            f"SQS refused {queue_url} ({error.get('Code')}: {error.get('Message')}): check "
+            "--queue-url, and that these credentials may sqs:ReceiveMessage on it"
+        ) from exc
+    except BotoCoreError as exc:
+        raise ConfigError(
+            f"cannot reach SQS ({exc}): check --endpoint-url, AWS_DEFAULT_REGION and the network"
+        ) from exc
+    return client
 
 
 class SqsListener:

@@ -128,7 +128,7 @@ def test_a_result_under_another_etag_settles_the_pending_row(
     """An event without an etag records '' and the worker writes the real one: the pending
     row must go, not be sent again forever."""
     ref = ObjectRef(bucket="photos", key=f"{prefix}no-etag.jpg")
-    (pending,) = pending_rows([ref], fast_settings.model, "")
+    (pending,) = pending_rows([ref], {"caption": fast_settings.model}, "")
     results.record_pending([pending])
     later = utcnow() + timedelta(seconds=1)
     result = CaptionRow(**{**pending.__dict__, "etag": "abc", "status": "ok", "caption": "x",
@@ -142,7 +142,7 @@ def test_pending_rows_hide_from_skip_existing_and_never_overwrite_a_result(
     fast_settings: Settings, results: ResultsStore, prefix: str
 ) -> None:
     done, waiting = (ObjectRef(bucket="photos", key=f"{prefix}{n}.jpg", etag="e") for n in "ab")
-    rows = pending_rows([done, waiting], fast_settings.model, "")
+    rows = pending_rows([done, waiting], {"caption": fast_settings.model}, "")
     results.upsert([CaptionRow(**{**rows[0].__dict__, "status": "ok", "attempts": 1})])
     results.record_pending(rows)
     by_uri = {r.uri: r for r in results.rows(prefix=f"s3://photos/{prefix}")}
@@ -156,10 +156,17 @@ def test_the_reconciler_sends_only_what_has_left_the_queue() -> None:
     assert left_the_queue(handed, oldest_waiting_s=0.0, waiting=0, now=now)
     assert left_the_queue(handed, oldest_waiting_s=60.0, waiting=5, now=now)
     assert not left_the_queue(handed, oldest_waiting_s=900.0, waiting=5, now=now)
-    rows = pending_rows([ObjectRef("b", f"k{n}", "e") for n in range(70)], "m", "p")
-    jobs = jobs_for(rows, 32)
+    refs = [ObjectRef("b", f"k{n}", "e") for n in range(70)]
+    jobs = jobs_for(pending_rows(refs, {"caption": "m"}, "p"), 32)
     assert [len(job.items) for job in jobs] == [32, 32, 6]
     assert {(job.model, job.prompt, job.source) for job in jobs} == {("m", "p", "event")}
+    # A job asking for two kinds left two pending rows per image; each comes back alone,
+    # keyed as the worker keys it (tags rows have no prompt).
+    both = pending_rows(refs[:2], {"caption": "m", "tags": "t"}, "p")
+    assert sorted((r.kind, r.model, r.prompt) for r in both) == [
+        ("caption", "m", "p"), ("caption", "m", "p"), ("tags", "t", ""), ("tags", "t", "")]
+    assert sorted((tuple(job.annotators.items()), len(job.items)) for job in jobs_for(both, 32)) \
+        == [((("caption", "m"),), 2), ((("tags", "t"),), 2)]
 
 
 def test_an_upload_that_cannot_be_recorded_is_not_acknowledged(
