@@ -7,13 +7,21 @@ seed, saved the way a real checkpoint is published, and loaded back through the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -21,16 +29,32 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessorPil,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     T5Config,
 )
+
+from workers.interrogate.terms import DATA_DIR, read_terms, trending_terms
 
 TINY_MODEL = "tiny-random-blip2"
 PLACEHOLDER_NOTICE = (
     f"CAPTIONER_MODEL={TINY_MODEL} has random weights: its captions are noise, meant for tests "
     "and offline demos only. For real captions set CAPTIONER_MODEL=Salesforce/blip2-opt-2.7b "
     "(weights in the Hugging Face cache, or a local save_pretrained directory)."
+)
+TINY_CLIP = "tiny-random-clip"
+TINY_CLIP_NOTICE = (
+    f"CAPTIONER_CLIP_MODEL={TINY_CLIP} has random weights: the terms it picks are noise, meant "
+    "for tests and offline demos only. For real prompts set "
+    "CAPTIONER_CLIP_MODEL=openai/clip-vit-large-patch14 (weights in the Hugging Face cache, or "
+    "a local save_pretrained directory)."
 )
 
 _PAD, _BOS, _EOS, _UNK, _IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
@@ -172,6 +196,75 @@ def tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
     )
 
 
+_CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's own tokenizer class (byte-level BPE, `</w>` word ends, lower-cased) with merges
+    written here, so nothing is downloaded: every byte alone and at a word's end, and merges
+    that spell out, left to right, each caption word and each word of the shipped mediums,
+    movements and trending terms. (A trained BPE breaks ties in hash order, which would
+    make every build a different tokenizer.)"""
+    text = " ".join([
+        _CAPTION_WORDS,
+        *read_terms(DATA_DIR / "mediums.txt"),
+        *read_terms(DATA_DIR / "movements.txt"),
+        *trending_terms(),
+    ])
+    words = sorted(set(re.findall(r"[a-z]+", text.lower())))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens = [_CLIP_BOS, _CLIP_EOS, *sorted(alphabet), *(f"{c}</w>" for c in sorted(alphabet))]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [*word[:-1], f"{word[-1]}</w>"]
+        done = pieces[0]
+        for piece in pieces[1:]:
+            if done + piece not in tokens:
+                merges.append((done, piece))
+                tokens.append(done + piece)
+            done += piece
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
+
+
+def build_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
+    """Save a tiny random CLIPModel (model + processor) into `directory` and return it: the
+    real classes, a 77-token text context as CLIP's, a shortest-edge resize + centre crop."""
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=_TINY_HIDDEN,
+            intermediate_size=4 * _TINY_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=CLIPVisionConfig(
+            hidden_size=_TINY_HIDDEN,
+            intermediate_size=4 * _TINY_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=_TINY_IMAGE_SIZE,
+            patch_size=8,
+        ),
+        projection_dim=16,
+        initializer_factor=_TINY_INIT_STD / 0.02,  # CLIP scales its init like T5
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": _TINY_IMAGE_SIZE},
+        crop_size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE},
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
 @dataclass(frozen=True)
 class Twin:
     """How to build a tiny model into a directory, and the warning it logs when loaded."""
@@ -181,4 +274,7 @@ class Twin:
 
 
 #: Model setting value -> its tiny twin. Any other value is a real model (id or directory).
-TWINS: dict[str, Twin] = {TINY_MODEL: Twin(build_tiny_blip2, PLACEHOLDER_NOTICE)}
+TWINS: dict[str, Twin] = {
+    TINY_MODEL: Twin(build_tiny_blip2, PLACEHOLDER_NOTICE),
+    TINY_CLIP: Twin(build_tiny_clip, TINY_CLIP_NOTICE),
+}
