@@ -226,16 +226,20 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
 
 
-def build_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
+def build_tiny_clip(
+    directory: Path, *, seed: int = 0, width: int = _TINY_HIDDEN, layers: int = 2,
+    image_size: int = _TINY_IMAGE_SIZE, patch_size: int = 8,
+) -> Path:
     """Save a tiny random CLIPModel (model + processor) into `directory` and return it: the
-    real classes, a 77-token text context as CLIP's, a shortest-edge resize + centre crop."""
+    real classes, a 77-token text context as CLIP's, a shortest-edge resize + centre crop.
+    The sizes default to the twin's; benchmarks build larger ones the same way."""
     tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=_TINY_HIDDEN,
-            intermediate_size=4 * _TINY_HIDDEN,
-            num_hidden_layers=2,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
@@ -243,21 +247,21 @@ def build_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
             pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=CLIPVisionConfig(
-            hidden_size=_TINY_HIDDEN,
-            intermediate_size=4 * _TINY_HIDDEN,
-            num_hidden_layers=2,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
             num_attention_heads=4,
-            image_size=_TINY_IMAGE_SIZE,
-            patch_size=8,
+            image_size=image_size,
+            patch_size=patch_size,
         ),
-        projection_dim=16,
+        projection_dim=width // 2,
         initializer_factor=_TINY_INIT_STD / 0.02,  # CLIP scales its init like T5
     )
     torch.manual_seed(seed)
     model = CLIPModel(config)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": _TINY_IMAGE_SIZE},
-        crop_size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
