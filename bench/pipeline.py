@@ -106,7 +106,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
             env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 180

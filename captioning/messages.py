@@ -17,7 +17,6 @@ from captioning.errors import InvalidJob
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
 BULK_QUEUE = "captions.bulk"
-DEAD_QUEUE = "captions.dead"
 WORK_QUEUES = (REALTIME_QUEUE, BULK_QUEUE)
 
 Source = Literal["backfill", "event", "cli"]
