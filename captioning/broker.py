@@ -14,7 +14,7 @@ from celery import Celery
 # captioning/cli.py imports redis_client from here until the CLI moves to cli/.
 from captioning.connections import redis_client  # noqa: F401
 from captioning.keys import UNACKED_KEY
-from captioning.messages import BULK_QUEUE, TASK_NAME
+from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob
 from captioning.settings import Settings
 
 #: Publishing retries for ~1 minute (0.2 s, then +0.5 s per try up to 3 s), so a producer or
@@ -100,3 +100,19 @@ def create_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
     app.conf.update(celery_config(settings))
     return app
 
+
+def send_job(
+    app: Celery, job: CaptionJob, queue: str, *, producer: Any = None, task_id: str | None = None
+) -> None:
+    """Publish one CaptionJob. A short `argsrepr` spares Celery a saferepr of every item: a
+    third of the send time for a 32-image job, and ~250 bytes of each message in Redis."""
+    app.send_task(
+        TASK_NAME,
+        args=[job.to_message()],
+        queue=queue,
+        producer=producer,
+        task_id=task_id,
+        ignore_result=True,
+        argsrepr=f"<CaptionJob of {len(job.items)} images from {job.source}>",
+        kwargsrepr="{}",
+    )

@@ -10,6 +10,7 @@ CaptionerError
 │   ├── ObjectMissing       no object at that URI
 │   ├── AccessDenied        the object exists but our credentials may not read it
 │   ├── ModelMismatch       the job names another model than the worker serves
+│   ├── KindNotServed       the job asks for a kind no worker can be routed to
 │   ├── ImageTooLarge       more bytes than CAPTIONER_MAX_IMAGE_BYTES
 │   ├── TooManyPixels       more pixels than CAPTIONER_MAX_IMAGE_PIXELS (decompression bomb)
 │   ├── UndecodableImage    not an image, truncated or corrupt
@@ -65,6 +66,10 @@ class AccessDenied(ImageError):
 
 
 class ModelMismatch(ImageError):
+    pass
+
+
+class KindNotServed(ImageError):
     pass
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
+    JSON,
     Column,
     DateTime,
     Engine,
@@ -29,11 +30,13 @@ from sqlalchemy import (
     func,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from captioning.errors import ConfigError, DatabaseUnavailable
+from captioning.kinds import CAPTION
 
 Status = Literal["ok", "failed"]
 
@@ -65,6 +68,12 @@ captions = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("worker", Text),
+    Column("kind", Text, comment="caption, tags, ...; NULL on rows from before kinds: caption"),
+    Column(
+        "tags",
+        JSON().with_variant(postgresql.JSONB(), "postgresql"),
+        comment="tags kind: {category: {tag: probability}}",
+    ),
     Index("ix_captions_uri", "uri"),
     Index("ix_captions_status_finished", "status", "finished_at"),
 )
@@ -89,6 +98,8 @@ class CaptionRow:
     finished_at: datetime
     worker: str | None
     attempts: int = 1
+    kind: str | None = None
+    tags: dict[str, dict[str, float]] | None = None
 
     @property
     def row_id(self) -> str:
@@ -107,9 +118,11 @@ def row_id(uri: str, etag: str, model: str, prompt: str) -> str:
 
 
 def sidecar_key(prefix: str, row: CaptionRow) -> str:
-    """`<prefix>/<source bucket>/<source key>.json`; local files go under `_local/`."""
+    """`<prefix>/<source bucket>/<source key>.json` for a caption, `....<kind>.json` for
+    another kind (`photo.jpg.tags.json`); local files go under `_local/`."""
     source = f"{row.bucket}/{row.key}" if row.bucket else f"_local{row.key}"
-    return f"{prefix.strip('/')}/{source}.json".lstrip("/")
+    suffix = "" if row.kind in (None, CAPTION.name) else f".{row.kind}"
+    return f"{prefix.strip('/')}/{source}{suffix}.json".lstrip("/")
 
 
 def sidecar_body(row: CaptionRow) -> bytes:
@@ -149,9 +162,22 @@ class ResultsStore:
                 f"results database unavailable: {type(exc.orig).__name__}"
             ) from exc
 
-    def create_schema(self) -> None:
+    def create_schema(self) -> list[str]:
+        """Create the table, or add the columns a newer release defines to an existing one
+        (all nullable, so existing rows are untouched); returns the columns added."""
         with self._connection(write=True) as conn:
             metadata.create_all(conn)
+            present = {column["name"] for column in inspect(conn).get_columns(captions.name)}
+            missing = [column for column in captions.columns if column.name not in present]
+            quote = conn.dialect.identifier_preparer.quote
+            for column in missing:
+                assert column.nullable, f"a column added to old rows must be nullable: {column}"
+                column_type = column.type.compile(dialect=conn.dialect)
+                conn.execute(
+                    text(f"ALTER TABLE {quote(captions.name)} ADD COLUMN {quote(column.name)} "
+                         f"{column_type}")
+                )
+            return [column.name for column in missing]
 
     def require_schema(self) -> None:
         """Fail fast at worker start: without the table every job would retry, then die."""

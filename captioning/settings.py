@@ -15,6 +15,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from captioning.errors import ConfigError
+from captioning.kinds import parse_kinds
+
 MiB = 1024 * 1024
 JOB_FIXED_COST_S = 60
 
@@ -37,7 +40,14 @@ class Settings(BaseSettings):
     allowed_roots: Annotated[tuple[Path, ...], NoDecode] = ()
     results_uri: str | None = None
 
+    # What this deployment produces: workers load a model per kind, producers ask for these
+    # unless told otherwise (captioning/kinds.py).
+    kinds: Annotated[tuple[str, ...], NoDecode] = ("caption",)
     model: str = "Salesforce/blip2-opt-2.7b"
+    tagger_model: str = "SmilingWolf/wd-vit-tagger-v3"
+    tagger_batch_size: int = Field(default=32, ge=1, le=1024)
+    tags_general_threshold: float = Field(default=0.35, gt=0, le=1)
+    tags_character_threshold: float = Field(default=0.85, gt=0, le=1)
     device: str | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     batch_size: int = Field(default=16, ge=1, le=1024)
@@ -81,7 +91,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     webhook_secret: SecretStr | None = None
 
-    @field_validator("allowed_buckets", "allowed_roots", mode="before")
+    @field_validator("allowed_buckets", "allowed_roots", "kinds", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
@@ -90,6 +100,14 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, path: Path | None) -> Path | None:
         return path.expanduser() if path is not None else None
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return parse_kinds(kinds)
+        except ConfigError as exc:
+            raise ValueError(f"CAPTIONER_KINDS: {exc}") from exc
 
     @field_validator("allowed_roots")
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from captioning.errors import InvalidEvent
+from captioning.kinds import annotators
 from captioning.settings import Settings
 from producer.batcher import BatcherClosed, LingerBatcher
 from producer.dedupe import Deduper
@@ -53,7 +54,7 @@ class EventEnqueuer:
             for job in make_jobs(
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,
-                model=self._settings.model,
+                annotators=annotators(self._settings, self._settings.kinds),
                 prompt=self._settings.prompt,
                 source="event",
             ):

@@ -1,4 +1,4 @@
-"""What a worker process holds for its lifetime: the model, stores, results and thread pools.
+"""What a worker process holds for its lifetime: the models, stores, results and thread pools.
 
 Built once per process (after the prefork fork, so CUDA and connection pools are never
 shared across processes) and reused by every job.
@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
 from workers.pipeline import Stages
-from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.base import Runtime
+from workers.runtimes.registry import load_runtimes
 from workers.write import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,12 @@ class WorkerContext:
     stores: Stores
     results: ResultsStore
     writer: ResultWriter
-    model: CaptionModel
+    #: kind -> its loaded model, for every kind in CAPTIONER_KINDS.
+    runtimes: dict[str, Runtime]
     io_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
     stages: Stages
-    #: Held by the job generating; the other jobs in flight fetch and decode meanwhile.
+    #: Held by the job on the models; the other jobs in flight fetch and decode meanwhile.
     model_turn: threading.Lock
     name: str
 
@@ -54,13 +57,13 @@ class WorkerContext:
         decode_pool = ThreadPoolExecutor(
             settings.decode_threads or decode_threads(), thread_name_prefix="decode"
         )
-        model = CaptionModel.load(settings)
+        runtimes = load_runtimes(settings)
         stages = Stages(
             stores=stores,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
-            to_pixels=model.to_pixels,
-            target_size=model.image_size,
+            to_pixels={kind: runtime.to_pixels for kind, runtime in runtimes.items()},
+            target_size=decode_size(runtimes.values()),
             io_pool=io_pool,
             decode_pool=decode_pool,
         )
@@ -69,7 +72,7 @@ class WorkerContext:
             stores=stores,
             results=results,
             writer=ResultWriter(results, stores, settings.results_uri, io_pool),
-            model=model,
+            runtimes=runtimes,
             io_pool=io_pool,
             decode_pool=decode_pool,
             stages=stages,
@@ -81,6 +84,13 @@ class WorkerContext:
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.results.dispose()
+
+
+def decode_size(runtimes: Iterable[Runtime]) -> int | None:
+    """The side decode may shrink images to: the largest any kind allows, or full resolution
+    (None) where one kind needs it."""
+    sizes = [runtime.decode_size for runtime in runtimes]
+    return None if None in sizes else max(size for size in sizes if size is not None)
 
 
 def jobs_per_process(settings: Settings) -> int:

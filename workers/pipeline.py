@@ -1,7 +1,8 @@
-"""A job's images as a stream: fetched and decoded ahead of the model, generated in order.
+"""A job's images as a stream: fetched and decoded ahead of the models, annotated in order.
 
 Each image is fetched by an I/O thread, which hands the bytes to a decode thread (sized to the
-CPU: Pillow releases the GIL) for decode + resize to model pixels; a window of `ahead` images
+CPU: Pillow releases the GIL) for one decode and then each kind's pixels (the resize each
+model wants); a window of `ahead` images
 is kept in flight, so while the model generates micro-batch k, batches k+1.. are being fetched
 and decoded, and memory stays bounded however many images a job holds. Results come back in
 job order; an image's own failure is recorded on its state and never stops the stream, while
@@ -11,10 +12,10 @@ a transient store failure propagates (the job is retried).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 from PIL import Image
@@ -27,13 +28,13 @@ from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
-from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.base import Annotation, Runtime
 
 
 @dataclass
 class ItemState:
     """What we know about one item as it moves through the stages. The bytes are dropped
-    once decoded and the pixels once captioned, so a long job does not pile them up."""
+    once decoded and the pixels once annotated, so a long job does not pile them up."""
 
     item: JobItem
     location: ImageLocation | None = None
@@ -42,8 +43,9 @@ class ItemState:
     nbytes: int | None = None
     width: int | None = None
     height: int | None = None
-    pixels: ModelPixels | None = None
-    caption: str | None = None
+    #: kind -> the pixels its model takes, from one decode.
+    pixels: dict[str, ModelPixels] = field(default_factory=dict)
+    results: dict[str, Annotation] = field(default_factory=dict)
     error: ImageError | None = None
 
     @property
@@ -53,20 +55,22 @@ class ItemState:
 
 @dataclass(frozen=True)
 class Stages:
-    """What preparing an image needs: where to fetch, how to decode, which threads run it."""
+    """What preparing an image needs: where to fetch, how to decode (shrinking to no less
+    than `target_size`, None: full resolution) and into which kinds' pixels, which threads
+    run it."""
 
     stores: Stores
     max_bytes: int
     max_pixels: int
-    to_pixels: Callable[[Image.Image], ModelPixels]
-    target_size: int
+    to_pixels: Mapping[str, Callable[[Image.Image], ModelPixels]]
+    target_size: int | None
     io_pool: Executor
     decode_pool: Executor
 
     def prepare(self, state: ItemState) -> None:
         """Fetch then decode one item (in an I/O thread), recording an image error on it."""
         assert state.location is not None
-        with metrics.STAGE_SECONDS.labels("fetch").time():
+        with metrics.STAGE_SECONDS.labels("fetch", metrics.SHARED).time():
             fetched = fetch_one(
                 self.stores, state.location, max_bytes=self.max_bytes,
                 version_id=state.item.version_id,
@@ -83,10 +87,10 @@ class Stages:
             state.error = exc
 
     def _decode(self, state: ItemState, data: bytes) -> None:
-        with metrics.STAGE_SECONDS.labels("decode").time():
+        with metrics.STAGE_SECONDS.labels("decode", metrics.SHARED).time():
             decoded = decode_image(data, max_pixels=self.max_pixels, target_size=self.target_size)
             state.width, state.height = decoded.width, decoded.height
-            state.pixels = self.to_pixels(decoded.image)
+            state.pixels = {kind: pixels(decoded.image) for kind, pixels in self.to_pixels.items()}
 
     def stream(self, states: Iterable[ItemState], ahead: int) -> Iterator[ItemState]:
         """Yield `states` in order, each prepared, with up to `ahead` in flight."""
@@ -112,8 +116,8 @@ class Stages:
 def micro_batches(
     states: Iterable[ItemState], size: Callable[[], int]
 ) -> Iterator[list[ItemState]]:
-    """Group the images that decoded into batches of `size()` (read per batch: the model may
-    lower it after running out of memory); failed ones are skipped, they need no model."""
+    """Group the images that decoded into batches of `size()` (read per batch: a model may
+    lower its own after running out of memory); failed ones are skipped, they need no model."""
     batch: list[ItemState] = []
     for state in states:
         if state.alive:
@@ -125,26 +129,45 @@ def micro_batches(
         yield batch
 
 
-def caption_stream(
+def annotate(runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
+    """`pixels` in the runtime's own micro-batches (kinds batch differently)."""
+    results: list[Annotation] = []
+    start = 0
+    while start < len(pixels):
+        size = runtime.batch_size
+        results.extend(runtime.annotate(pixels[start : start + size], prompt))
+        start += size
+    return results
+
+
+def annotate_stream(
     states: Sequence[ItemState],
     prompt: str,
-    model: CaptionModel,
+    runtimes: Mapping[str, Runtime],
     stages: Stages,
     turn: AbstractContextManager[object],
     *,
     lookahead: int,
 ) -> None:
-    """Caption `states` as their pixels arrive, `lookahead` images prepared ahead. The model
-    (`turn`) is taken once the first batch is ready and held to the last, so the jobs in
-    flight finish in the order they got it."""
-    batches = micro_batches(stages.stream(states, lookahead), lambda: model.batch_size)
+    """Annotate `states` with every kind of `runtimes` as their pixels arrive, `lookahead`
+    images prepared ahead. The models (`turn`) are taken once the first batch is ready and
+    held to the last, so the jobs in flight finish in the order they got them."""
+    if not runtimes:
+        return
+    batches = micro_batches(
+        stages.stream(states, lookahead),
+        lambda: max(runtime.batch_size for runtime in runtimes.values()),
+    )
     first = next(batches, None)
     if first is None:
         return
     with turn:
         for batch in chain([first], batches):
-            with metrics.STAGE_SECONDS.labels("generate").time():
-                captions = model.generate([s.pixels for s in batch if s.pixels is not None], prompt)
-            metrics.BATCH_SIZE.observe(len(batch))
-            for state, caption in zip(batch, captions, strict=True):
-                state.caption, state.pixels = caption, None
+            for kind, runtime in runtimes.items():
+                with metrics.STAGE_SECONDS.labels("generate", kind).time():
+                    results = annotate(runtime, [s.pixels[kind] for s in batch], prompt)
+                metrics.BATCH_SIZE.labels(kind).observe(len(batch))
+                for state, result in zip(batch, results, strict=True):
+                    state.results[kind] = result
+            for state in batch:
+                state.pixels = {}

@@ -49,6 +49,9 @@ class CaptionModel:
         self.dtype = dtype
         self.pixel_spec = PixelSpec.from_processor(processor.image_processor)
         self.image_size: int = model.config.vision_config.image_size
+        # The processor's resize is approximated anyway (tests/test_pixels.py): decode may
+        # shrink to the model's size first, which is most of the decode time saved.
+        self.decode_size: int | None = self.image_size
         if self.pixel_spec.size != self.image_size:
             raise ModelLoadError(
                 f"processor resizes to {self.pixel_spec.size}px but the vision tower of "
