@@ -28,7 +28,7 @@ from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
-from workers.runtimes.base import Annotation, Runtime
+from workers.runtimes.base import Annotation, Results, Runtime
 
 
 @dataclass
@@ -129,14 +129,16 @@ def micro_batches(
         yield batch
 
 
-def annotate(runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
+def annotate(
+    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results]
+) -> list[Annotation]:
     """`pixels` in the runtime's own micro-batches (kinds batch differently)."""
     results: list[Annotation] = []
     start = 0
     while start < len(pixels):
-        size = runtime.batch_size
-        results.extend(runtime.annotate(pixels[start : start + size], prompt))
-        start += size
+        stop = start + runtime.batch_size
+        results.extend(runtime.annotate(pixels[start:stop], prompt, earlier[start:stop]))
+        start = stop
     return results
 
 
@@ -149,9 +151,10 @@ def annotate_stream(
     *,
     lookahead: int,
 ) -> None:
-    """Annotate `states` with every kind of `runtimes` as their pixels arrive, `lookahead`
-    images prepared ahead. The models (`turn`) are taken once the first batch is ready and
-    held to the last, so the jobs in flight finish in the order they got them."""
+    """Annotate `states` with every kind of `runtimes`, in that order (a kind after those it
+    builds on), as their pixels arrive, `lookahead` images prepared ahead. The models
+    (`turn`) are taken once the first batch is ready and held to the last, so the jobs in
+    flight finish in the order they got them."""
     if not runtimes:
         return
     batches = micro_batches(
@@ -165,7 +168,10 @@ def annotate_stream(
         for batch in chain([first], batches):
             for kind, runtime in runtimes.items():
                 with metrics.STAGE_SECONDS.labels("generate", kind).time():
-                    results = annotate(runtime, [s.pixels[kind] for s in batch], prompt)
+                    results = annotate(
+                        runtime, [s.pixels[kind] for s in batch], prompt,
+                        [s.results for s in batch],
+                    )
                 metrics.BATCH_SIZE.labels(kind).observe(len(batch))
                 for state, result in zip(batch, results, strict=True):
                     state.results[kind] = result
