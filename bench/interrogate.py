@@ -55,6 +55,10 @@ class TermsRow:
     full_recompute_s: float
 
 
+def interrogator(clip: ClipRuntime, table: TermTable) -> Interrogator:
+    return Interrogator(name=clip.name, clip=clip, table=table, count=COUNT, batch_size=1)
+
+
 def thinned(terms: TermLists, total: int) -> TermLists:
     """Every list cut to the same share, so the slice has about `total` terms."""
     step = max(1, len(terms) // total)
@@ -85,7 +89,7 @@ def measure(name: str, directory: Path, full: TermLists, total: int, images: int
         start = time.perf_counter()
         term_table(clip, terms, Path(cache))
         warm = time.perf_counter() - start
-    cached = Interrogator(clip, table, COUNT)
+    cached = interrogator(clip, table)
 
     def recompute(image: ModelPixels) -> object:
         fresh = TermTable(terms, encode_terms(clip, terms).float())
@@ -97,7 +101,7 @@ def measure(name: str, directory: Path, full: TermLists, total: int, images: int
     # The cached side at full size: ranking costs the same whatever the rows hold.
     dim = table.embeddings.shape[1]
     stand_in = torch.nn.functional.normalize(torch.randn(len(full), dim)).half()
-    full_table = Interrogator(clip, TermTable(full, stand_in), COUNT)
+    full_table = interrogator(clip, TermTable(full, stand_in))
     full_cached_s = per_image(lambda image: full_table.interrogate([CAPTION], [image]), pixels)
     encode_rate = len(terms) / (recompute_s - cached_s)
     return TermsRow(

@@ -51,8 +51,12 @@ class Kind:
 
 CAPTION = Kind("caption", model_setting="model", uses_prompt=True)
 TAGS = Kind("tags", model_setting="tagger_model", uses_prompt=False)
+#: A CLIP Interrogator prompt: the caption (so the caption's prompt) and the closest terms.
+INTERROGATE = Kind(
+    "interrogate", model_setting="clip_model", uses_prompt=True, builds_on=(CAPTION.name,)
+)
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (CAPTION, TAGS)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (CAPTION, TAGS, INTERROGATE)}
 
 
 def parse_kinds(names: Iterable[str]) -> tuple[str, ...]:

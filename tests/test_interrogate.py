@@ -17,6 +17,7 @@ from captioning.settings import Settings
 from workers.interrogate.ranking import RankedTerm, TermTable, fast_prompt, rank_terms
 from workers.interrogate.term_cache import cache_path, term_table
 from workers.interrogate.terms import SITES, TermLists, load_term_lists
+from workers.runtimes.base import Annotation
 from workers.runtimes.clip import ClipRuntime
 from workers.runtimes.interrogate import Interrogator
 from workers.runtimes.tiny import TINY_CLIP, build_tiny_clip
@@ -285,11 +286,16 @@ def test_interrogator_writes_caption_then_closest_terms(tmp_path: Path) -> None:
     settings = Settings(clip_model=TINY_CLIP, device="cpu", term_lists_dir=lists,
                         term_cache_dir=tmp_path / "cache", interrogate_terms=3)
     interrogator = Interrogator.load(settings)
+    assert interrogator.name == f"{settings.model}+{TINY_CLIP}"
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     images = [Image.open(SAMPLES / name).convert("RGB") for name in ("chelsea.png", "coffee.png")]
-    pixels = [interrogator.clip.to_pixels(image) for image in images]
-    results = interrogator.interrogate(["a cat", "a cup"], pixels)
+    pixels = [interrogator.to_pixels(image) for image in images]
+    captions = [{"caption": Annotation("a cat")}, {"caption": Annotation("a cup")}]
+    results = interrogator.annotate(pixels, "", captions)
     expected = rank_terms(interrogator.clip.image_embeddings(pixels), interrogator.table, 3)
     for caption, result, ranked in zip(["a cat", "a cup"], results, expected, strict=True):
-        assert result.terms == tuple(ranked)
-        assert result.prompt == ", ".join([caption, *(t.term for t in ranked)])
+        assert result.text == ", ".join([caption, *(t.term for t in ranked)])
+        assert result.tags == {
+            name: {t.term: round(t.similarity, 4) for t in ranked if t.list == name}
+            for name in {t.list for t in ranked}
+        }

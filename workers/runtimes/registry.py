@@ -9,11 +9,13 @@ from captioning.kinds import with_foundations
 from captioning.settings import Settings
 from workers.runtimes.base import Runtime
 from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.interrogate import Interrogator
 from workers.runtimes.wd14 import Tagger
 
 RUNTIMES: dict[str, type[Runtime]] = {
     "caption": CaptionModel,
     "tags": Tagger,
+    "interrogate": Interrogator,
 }
 
 
