@@ -9,31 +9,53 @@ terms  Per image: a fast-mode prompt from the cached term embeddings (CLIP image
        list thinned alike); the full lists' cost is that rate times 111,866 (extrapolated,
        labelled so) and the cached side is measured against a full-size table.
 start  The term table at worker start: encoded and written (cache miss) vs read (hit).
+kinds  Caption + tags + prompt for every image: one job asking for the three kinds vs three
+       jobs of one kind each (tiny BLIP-2, WD14 and CLIP twins, the shipped term lists,
+       0.5-megapixel JPEGs). In-process: process_job + the results write on file:// images,
+       the three jobs on three workers that each serve only their kind (what separate tools
+       are). Through the CLI: `captioner worker` serving the three kinds in a fresh process,
+       fed through Redis from SeaweedFS, rows in PostgreSQL, from the first enqueue to the
+       last row; and its start-up to ready with the term cache missing vs present.
 
-    .venv/bin/python -m bench.interrogate [--terms 2048] [--images 10]
+    .venv/bin/python -m bench.interrogate [terms|kinds|all] [--terms 1024] [--images 10]
+        [--kind-images 48] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import torch
 
-from bench.photos import sample_images
+from bench.photos import jpegs, sample_images
+from captioning.broker import create_app
+from captioning.embedded import PrivateRedis
+from captioning.kinds import annotators
+from captioning.messages import BULK_QUEUE, CaptionJob, JobItem
+from captioning.results import ResultsStore
 from captioning.settings import Settings
+from producer.enqueue import JobSender, enqueue_uris
+from tests.services import SeaweedS3
+from workers.context import WorkerContext
 from workers.interrogate.ranking import TermTable, fast_prompt, rank_terms
 from workers.interrogate.term_cache import encode_terms, term_table
 from workers.interrogate.terms import TermLists, load_term_lists
 from workers.pixels import ModelPixels
 from workers.runtimes.clip import ClipRuntime
 from workers.runtimes.interrogate import Interrogator
-from workers.runtimes.tiny import build_tiny_clip
+from workers.runtimes.tiny import TINY_CLIP, TINY_MODEL, TINY_TAGGER, build_tiny_clip
+from workers.tasks import process_job
 
 CAPTION = "a photo"  # stands in for the BLIP-2 caption, the same on both sides
 COUNT = Settings().interrogate_terms
@@ -127,20 +149,184 @@ def report_terms(rows: list[TermsRow], full: int) -> None:
         print(f"{row.model:<6} {row.terms:>8,} {row.cold_start_s:>9.3f} {row.warm_start_s:>9.4f}")
 
 
+KINDS = ("caption", "tags", "interrogate")
+APART = (("caption",), ("tags",), ("interrogate",))
+
+
+def kind_settings(**fields: object) -> Settings:
+    return Settings(model=TINY_MODEL, tagger_model=TINY_TAGGER, clip_model=TINY_CLIP,
+                    device="cpu", max_new_tokens=20, metrics_port=0, **fields)
+
+
+def in_process_kinds(files: list[bytes], job_size: int, rounds: int, cache: Path,
+                     ) -> list[tuple[float, float]]:
+    """(one job, three jobs) images/s per round, alternating."""
+    with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
+        root = Path(tmp).resolve()
+        uris = []
+        for i, data in enumerate(files):
+            (root / f"{i:04d}.jpg").write_bytes(data)
+            uris.append((root / f"{i:04d}.jpg").as_uri())
+        base = kind_settings(database_url=f"sqlite:///{root / 'rows.db'}",
+                             allowed_roots=(root,), term_cache_dir=cache)
+        ResultsStore(base.database_url).create_schema()
+        together = WorkerContext.create(base.model_copy(update={"kinds": KINDS}))
+        apart = {kinds: WorkerContext.create(base.model_copy(update={"kinds": kinds}))
+                 for kinds in APART}
+
+        def run(plan: list[tuple[WorkerContext, tuple[str, ...]]], count: int) -> float:
+            start = time.perf_counter()
+            for first in range(0, count, job_size):
+                chunk = uris[first : min(first + job_size, count)]
+                items = tuple(JobItem(uri=uri) for uri in chunk)
+                for ctx, kinds in plan:
+                    job = CaptionJob.create(items=items, annotators=annotators(base, kinds),
+                                            prompt="", source="cli")
+                    rows = process_job(job, ctx, BULK_QUEUE).rows
+                    if any(row.status != "ok" for row in rows):
+                        raise RuntimeError(f"failed rows: {[r.error for r in rows]}")
+                    ctx.writer.write(rows)
+            return count / (time.perf_counter() - start)
+
+        one = [(together, KINDS)]
+        three = [(apart[kinds], kinds) for kinds in APART]
+        run(one, job_size)  # warm-up
+        run(three, job_size)
+        runs = [(run(one, len(uris)), run(three, len(uris))) for _ in range(rounds)]
+        for ctx in (together, *apart.values()):
+            ctx.close()
+    return runs
+
+
+def start_worker(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[bytes], float]:
+    """`captioner worker` in a fresh process, and its seconds from start to ready."""
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker"],
+            env={**os.environ, **settings.as_env(), "HF_HUB_OFFLINE": "1"},
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    while " ready: " not in log_path.read_text(errors="replace"):
+        if worker.poll() is not None or time.perf_counter() - start > 600:
+            worker.kill()
+            raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return worker, time.perf_counter() - start
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    worker.wait(timeout=60)
+
+
+def through_cli(files: list[bytes], job_size: int, rounds: int, cache: Path, postgres: str,
+                ) -> tuple[list[tuple[float, float]], float, float]:
+    """(one job, three jobs) images/s per round through a worker process, and its start-up
+    seconds with the term cache missing and present."""
+    database = f"captioner_bench_kinds_{os.getpid()}"
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    with (tempfile.TemporaryDirectory(prefix="bench-kinds-cli-") as tmp,
+          PrivateRedis() as broker):
+        seaweed = SeaweedS3(Path(tmp) / "seaweed")
+        seaweed.start()
+        worker = None
+        try:
+            s3 = seaweed.client()
+            s3.create_bucket(Bucket="photos")
+            settings = kind_settings(
+                broker_url=broker.url, database_url=f"{postgres.rsplit('/', 1)[0]}/{database}",
+                s3_endpoint_url=seaweed.endpoint, allowed_buckets=("photos",), kinds=KINDS,
+                term_cache_dir=Path(tmp) / "empty-cache",
+            )
+            results = ResultsStore(settings.database_url)
+            results.create_schema()
+            worker, start_miss = start_worker(settings, Path(tmp) / "miss.log")
+            stop(worker)
+            settings = settings.model_copy(update={"term_cache_dir": cache})
+            worker, start_hit = start_worker(settings, Path(tmp) / "worker.log")
+
+            def run(plan: tuple[tuple[str, ...], ...], count: int) -> float:
+                prefix = f"run-{uuid.uuid4().hex[:8]}/"
+                uris = []
+                for i, data in enumerate(files[:count]):
+                    s3.put_object(Bucket="photos", Key=f"{prefix}{i:04d}.jpg", Body=data)
+                    uris.append(f"s3://photos/{prefix}{i:04d}.jpg")
+                before = sum(results.status_counts().values())
+                start = time.perf_counter()
+                with JobSender(create_app(settings), BULK_QUEUE) as sender:
+                    for kinds in plan:
+                        enqueue_uris(uris, sender, settings, batch_size=job_size, kinds=kinds)
+                while sum(results.status_counts().values()) < before + 3 * count:
+                    if time.perf_counter() - start > 600:
+                        raise RuntimeError("the worker did not finish in time")
+                    time.sleep(0.05)
+                elapsed = time.perf_counter() - start
+                if results.status_counts().get("failed", 0):
+                    raise RuntimeError("failed rows: every image should annotate")
+                return count / elapsed
+
+            run((KINDS,), job_size)  # warm-up
+            run(APART, job_size)
+            runs = [(run((KINDS,), len(files)), run(APART, len(files))) for _ in range(rounds)]
+            results.dispose()
+        finally:
+            if worker is not None:
+                stop(worker)
+            seaweed.stop()
+            with psycopg.connect(postgres, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    return runs, start_miss, start_hit
+
+
+def report_kinds(in_process: list[tuple[float, float]], cli: list[tuple[float, float]], *,
+                 start_miss: float, start_hit: float, images: int, job_size: int) -> None:
+    print(f"\ncaption + tags + prompt for {images} images (0.5 MP JPEG) in jobs of {job_size}, "
+          f"images/s with all three outputs")
+    print(f"{'where':<32} {'round':>5} {'one job':>8} {'3 jobs':>8} {'ratio':>6}")
+    for where, runs in (("in-process (3 workers apart)", in_process),
+                        ("CLI worker, Redis/S3/PostgreSQL", cli)):
+        for i, (one, three) in enumerate(runs, 1):
+            print(f"{where:<32} {i:>5} {one:>8.2f} {three:>8.2f} {one / three:>5.2f}x")
+        median = statistics.median(one / three for one, three in runs)
+        print(f"{where:<32} {'median ratio':>24} {median:>5.2f}x")
+    print(f"\n`captioner worker` (caption, tags, interrogate) start to ready, fresh process: "
+          f"term cache missing {start_miss:.1f} s, present {start_hit:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--terms", type=int, default=2048, help="terms recomputed per image")
-    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("what", nargs="?", choices=("terms", "kinds", "all"), default="all")
+    parser.add_argument("--terms", type=int, default=1024, help="terms recomputed per image")
+    parser.add_argument("--images", type=int, default=10, help="images per term figure")
+    parser.add_argument("--kind-images", type=int, default=48)
+    parser.add_argument("--job-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
+    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(name, value)
     torch.manual_seed(0)
-    full = load_term_lists()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-clip-") as tmp:
-        for name, sizes in SIZES.items():
-            directory = build_tiny_clip(Path(tmp) / name, **sizes)
-            rows.append(measure(name, directory, full, args.terms, args.images))
     print(f"CPU threads: {torch.get_num_threads()}; terms per prompt: {COUNT}")
-    report_terms(rows, len(full))
+    if args.what in ("terms", "all"):
+        full = load_term_lists()
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="bench-clip-") as tmp:
+            for name, sizes in SIZES.items():
+                directory = build_tiny_clip(Path(tmp) / name, **sizes)
+                rows.append(measure(name, directory, full, args.terms, args.images))
+        report_terms(rows, len(full))
+    if args.what in ("kinds", "all"):
+        photos = jpegs(0.5)
+        files = [photos[i % len(photos)] for i in range(args.kind_images)]
+        with tempfile.TemporaryDirectory(prefix="bench-terms-") as cache:
+            in_process = in_process_kinds(files, args.job_size, args.rounds, Path(cache))
+            cli, miss, hit = through_cli(files, args.job_size, args.rounds, Path(cache),
+                                         args.postgres)
+        report_kinds(in_process, cli, start_miss=miss, start_hit=hit, images=len(files),
+                     job_size=args.job_size)
 
 
 if __name__ == "__main__":
