@@ -231,10 +231,9 @@ def main() -> None:
         runtime.warm_up(settings)  # measures the micro-batch on CUDA
         io_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="io")
         decode_pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
-        stages = Stages(
-            stores=Stores(settings), max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels, to_pixels={"caption": runtime.to_pixels},
-            target_size=runtime.image_size, io_pool=io_pool, decode_pool=decode_pool,
+        stages = Stages.for_runtimes(
+            {"caption": runtime}, stores=Stores(settings), settings=settings,
+            io_pool=io_pool, decode_pool=decode_pool,
         )
         uris = [(root / f"{i:05d}.jpg").as_uri() for i in range(len(files))]
 

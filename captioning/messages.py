@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from captioning.errors import InvalidJob
+from captioning.kinds import KINDS
 
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
@@ -28,7 +29,7 @@ BULK_QUEUE = "captions.bulk"
 WORK_QUEUES = (REALTIME_QUEUE, BULK_QUEUE)
 #: Where a worker forwards the kinds of a job it does not serve; only workers serving the
 #: kind consume it (workers/routing.py).
-KIND_QUEUE_PREFIX = "captions.kind."
+KIND_QUEUE = "captions.kind.{}"
 
 Source = Literal["backfill", "event", "cli"]
 
@@ -41,7 +42,15 @@ ModelId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
 def kind_queue(kind: str) -> str:
-    return f"{KIND_QUEUE_PREFIX}{kind}"
+    return KIND_QUEUE.format(kind)
+
+
+def is_kind_queue(queue: str) -> bool:
+    return queue.startswith(kind_queue(""))
+
+
+#: Every queue workers drain: what the exporter and `captioner status` report.
+WAITING_QUEUES = (*WORK_QUEUES, *(kind_queue(kind) for kind in KINDS))
 
 
 class JobItem(BaseModel):

@@ -29,6 +29,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
     text,
 )
@@ -217,13 +218,21 @@ class ResultsStore:
         *,
         prefix: str | None = None,
         status: Status | None = None,
+        kind: str | None = None,
         limit: int | None = None,
     ) -> list[CaptionRow]:
-        query = select(*(c for c in captions.columns if c.name != "id")).order_by(captions.c.uri)
+        """Rows by URI; `kind` caption includes the rows written before kinds (kind NULL)."""
+        query = select(*(c for c in captions.columns if c.name != "id")).order_by(
+            captions.c.uri, captions.c.kind
+        )
         if prefix:
             query = query.where(captions.c.uri.startswith(prefix, autoescape=True))
         if status:
             query = query.where(captions.c.status == status)
+        if kind == CAPTION.name:
+            query = query.where(or_(captions.c.kind == kind, captions.c.kind.is_(None)))
+        elif kind:
+            query = query.where(captions.c.kind == kind)
         if limit:
             query = query.limit(limit)
         with self._connection(write=False) as conn:

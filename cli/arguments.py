@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+from captioning.errors import ConfigError
+from captioning.kinds import parse_kinds
+
 
 def positive(text: str) -> int:
     value = int(text)
@@ -26,3 +29,11 @@ def per_second(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive rate such as 500/s")
     return value
+
+
+def kind_list(text: str) -> tuple[str, ...]:
+    """`caption,tags`: known kinds, comma-separated."""
+    try:
+        return parse_kinds(text.split(","))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

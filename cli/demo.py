@@ -23,6 +23,8 @@ log = logging.getLogger("captioner")
 SAMPLES_DIR = Path(captioning.__file__).parent / "samples"
 TINY_MODEL = "tiny-random-blip2"
 REAL_MODEL = "Salesforce/blip2-opt-2.7b"
+TINY_TAGGER = "tiny-random-wd14"
+REAL_TAGGER = "SmilingWolf/wd-vit-tagger-v3"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -42,6 +44,16 @@ def choose_demo_model() -> str:
     from workers.runtimes.loading import weights_cached
 
     return REAL_MODEL if weights_cached(REAL_MODEL) else TINY_MODEL
+
+
+def choose_demo_tagger() -> str:
+    """CAPTIONER_TAGGER_MODEL if set; else the real WD14 tagger if cached; else its twin."""
+    if os.environ.get("CAPTIONER_TAGGER_MODEL"):
+        return os.environ["CAPTIONER_TAGGER_MODEL"]
+    from workers.runtimes.loading import weights_cached
+    from workers.runtimes.wd14 import TAGGER_FILES
+
+    return REAL_TAGGER if weights_cached(REAL_TAGGER, files=TAGGER_FILES) else TINY_TAGGER
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -72,9 +84,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             database_url=f"sqlite:///{database}",
             allowed_roots=(directory,),
             model=model,
+            tagger_model=choose_demo_tagger(),
             results_uri=(workdir / "sidecars").as_uri(),
             metrics_port=0,
         )
+        expected = len(images) * len(settings.kinds)  # a row per image and kind
+        if "tags" in settings.kinds and settings.tagger_model == TINY_TAGGER:
+            print(f"note: using {TINY_TAGGER}, a WD14 tagger with random weights: its tags are "
+                  f"placeholder noise. For real tags, download {REAL_TAGGER} (hf download ...) "
+                  "or set CAPTIONER_TAGGER_MODEL to a directory with model.onnx and "
+                  "selected_tags.csv.")
         env = {**os.environ, **settings.as_env()}
         results = ResultsStore(settings.database_url)
         results.create_schema()
@@ -85,13 +104,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             with JobSender(create_app(settings), REALTIME_QUEUE) as sender:
                 enqueue_uris((file_uri(p) for p in images), sender, settings, batch_size=8)
             print(f"enqueued {len(images)} images from {directory}; waiting for the worker...")
-            rows = wait_for_rows(results, len(images), args.timeout, worker)
+            rows = wait_for_rows(results, expected, args.timeout, worker)
         finally:
             worker.terminate()
             worker.wait(timeout=60)
     write_rows(rows, "table", sys.stdout)
     print(f"results: {database} (sidecars in {workdir / 'sidecars'})")
-    return 0 if len(rows) == len(images) else 1
+    return 0 if len(rows) == expected else 1
 
 
 def wait_for_rows(

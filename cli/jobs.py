@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from captioning.errors import ConfigError
+from captioning.kinds import KINDS
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import ResultsStore
 from captioning.settings import get_settings
-from cli.arguments import per_second, positive, since_date
+from cli.arguments import kind_list, per_second, positive, since_date
 
 log = logging.getLogger("captioner")
 
@@ -23,17 +24,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue = commands.add_parser("enqueue", help="send image URIs to the workers")
     enqueue.add_argument("uris", nargs="*", metavar="URI", help="s3://bucket/key or file:///path")
     enqueue.add_argument("--from-file", metavar="F", help="read URIs, one per line ('-' = stdin)")
-    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
+    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
+                         help="queue to send to (default %(default)s, served first)")
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(enqueue)
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
-    backfill.add_argument("prefix", metavar="s3://bucket/prefix")
-    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES)
+    backfill.add_argument("prefix", metavar="s3://bucket/prefix",
+                          help="list every image key under this prefix")
+    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
+                          help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(backfill)
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-        help="skip images that already have a row for this model and prompt (default: on)",
+        help="ask each image only for the kinds it has no row for yet (that kind's model, and "
+        "the prompt where the kind reads one) (default: on)",
     )
     backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
     backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
@@ -56,6 +63,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.set_defaults(run=cmd_backfill)
 
 
+def add_kind_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kind", type=kind_list, metavar="KIND[,KIND...]",
+        help=f"what to produce for each image: {', '.join(KINDS)} "
+        "(default: CAPTIONER_KINDS); each kind's model comes from its setting",
+    )
+
+
 def read_uris(args: argparse.Namespace) -> Iterator[str]:
     yield from args.uris
     if args.from_file:
@@ -74,14 +89,16 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
     with JobSender(create_app(settings), args.queue) as sender:
-        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
+        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size,
+                     kinds=args.kind)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import create_app
     from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.connections import redis_client
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
     from producer.backfill import Filters, Pacing, backfill
@@ -126,7 +143,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             settings=settings, batch_size=args.batch_size, checkpoint=checkpoint,
             checkpoints=checkpoints, pacing=pacing, limit=args.limit,
             filters=Filters(prefix=source.key, since=args.since, match=args.match),
-            on_progress=lambda cp: progress.update(cp, paused()),
+            on_progress=lambda cp: progress.update(cp, paused()), kinds=args.kind,
         )
 
     try:

@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -58,14 +57,8 @@ class WorkerContext:
             settings.decode_threads or decode_threads(), thread_name_prefix="decode"
         )
         runtimes = load_runtimes(settings)
-        stages = Stages(
-            stores=stores,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            to_pixels={kind: runtime.to_pixels for kind, runtime in runtimes.items()},
-            target_size=decode_size(runtimes.values()),
-            io_pool=io_pool,
-            decode_pool=decode_pool,
+        stages = Stages.for_runtimes(
+            runtimes, stores=stores, settings=settings, io_pool=io_pool, decode_pool=decode_pool
         )
         return cls(
             settings=settings,
@@ -84,13 +77,6 @@ class WorkerContext:
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.results.dispose()
-
-
-def decode_size(runtimes: Iterable[Runtime]) -> int | None:
-    """The side decode may shrink images to: the largest any kind allows, or full resolution
-    (None) where one kind needs it."""
-    sizes = [runtime.decode_size for runtime in runtimes]
-    return None if None in sizes else max(size for size in sizes if size is not None)
 
 
 def jobs_per_process(settings: Settings) -> int:

@@ -23,12 +23,13 @@ from PIL import Image
 from captioning import metrics
 from captioning.errors import ImageError
 from captioning.messages import JobItem
+from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
-from workers.runtimes.base import Annotation, Results, Runtime
+from workers.runtimes.base import Annotation, Runtime, annotate_in_batches
 
 
 @dataclass
@@ -66,6 +67,27 @@ class Stages:
     target_size: int | None
     io_pool: Executor
     decode_pool: Executor
+
+    @classmethod
+    def for_runtimes(
+        cls,
+        runtimes: Mapping[str, Runtime],
+        *,
+        stores: Stores,
+        settings: Settings,
+        io_pool: Executor,
+        decode_pool: Executor,
+    ) -> Stages:
+        """One decode per image at the resolution every kind accepts, then each kind's pixels."""
+        return cls(
+            stores=stores,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            to_pixels={kind: runtime.to_pixels for kind, runtime in runtimes.items()},
+            target_size=decode_size(runtimes.values()),
+            io_pool=io_pool,
+            decode_pool=decode_pool,
+        )
 
     def prepare(self, state: ItemState) -> None:
         """Fetch then decode one item (in an I/O thread), recording an image error on it."""
@@ -113,6 +135,13 @@ class Stages:
                 future.cancel()
 
 
+def decode_size(runtimes: Iterable[Runtime]) -> int | None:
+    """The side decode may shrink images to: the largest any kind allows, or full resolution
+    (None) where one kind needs it."""
+    sizes = [runtime.decode_size for runtime in runtimes]
+    return None if None in sizes else max(size for size in sizes if size is not None)
+
+
 def micro_batches(
     states: Iterable[ItemState], size: Callable[[], int]
 ) -> Iterator[list[ItemState]]:
@@ -127,19 +156,6 @@ def micro_batches(
             batch = []
     if batch:
         yield batch
-
-
-def annotate(
-    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results]
-) -> list[Annotation]:
-    """`pixels` in the runtime's own micro-batches (kinds batch differently)."""
-    results: list[Annotation] = []
-    start = 0
-    while start < len(pixels):
-        stop = start + runtime.batch_size
-        results.extend(runtime.annotate(pixels[start:stop], prompt, earlier[start:stop]))
-        start = stop
-    return results
 
 
 def annotate_stream(
@@ -168,7 +184,7 @@ def annotate_stream(
         for batch in chain([first], batches):
             for kind, runtime in runtimes.items():
                 with metrics.STAGE_SECONDS.labels("generate", kind).time():
-                    results = annotate(
+                    results = annotate_in_batches(
                         runtime, [s.pixels[kind] for s in batch], prompt,
                         [s.results for s in batch],
                     )

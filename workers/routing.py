@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from captioning.errors import ImageError, KindNotServed, ModelMismatch
 from captioning.kinds import KINDS
-from captioning.messages import KIND_QUEUE_PREFIX, REALTIME_QUEUE, kind_queue
+from captioning.messages import REALTIME_QUEUE, is_kind_queue, kind_queue
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def plan(annotators: Mapping[str, str], served: Mapping[str, str], *, queue: str
             result.run[kind] = model
         elif kind in served:
             result.refuse[kind] = (model, ModelMismatch(
-                f"job asks for {kind} by model {model!r}; this worker serves {served[kind]!r}: "
+                f"job asks for model {model!r} ({kind}); this worker serves {served[kind]!r}: "
                 f"run a worker with that {' and '.join(KINDS[kind].model_env)}, or enqueue with "
                 "this one"
             ))
@@ -45,7 +45,7 @@ def plan(annotators: Mapping[str, str], served: Mapping[str, str], *, queue: str
             result.refuse[kind] = (model, KindNotServed(
                 f"unknown kind {kind!r}: this worker knows {', '.join(KINDS)}"
             ))
-        elif queue.startswith(KIND_QUEUE_PREFIX):
+        elif is_kind_queue(queue):
             result.refuse[kind] = (model, KindNotServed(
                 f"job for {kind} reached a worker serving {serving} on {queue}: only workers "
                 f"with {kind} in CAPTIONER_KINDS may consume {kind_queue(kind)}"

@@ -56,5 +56,24 @@ class Runtime(Protocol):
     ) -> list[Annotation]:
         """Results for one micro-batch, in order (preprocess -> predict -> postprocess).
         `earlier` holds each image's results of the kinds run before this one in the job,
-        among them those it builds on (captioning/kinds.py)."""
+        among them those it builds on (captioning/kinds.py); a kind that builds on none
+        may be given an empty sequence."""
         ...
+
+
+def annotate_in_batches(
+    runtime: Runtime,
+    pixels: Sequence[ModelPixels],
+    prompt: str,
+    earlier: Sequence[Results] = (),
+) -> list[Annotation]:
+    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch);
+    `earlier` as `Runtime.annotate` takes it, for the same images (empty for a kind that
+    builds on no other)."""
+    results: list[Annotation] = []
+    start = 0
+    while start < len(pixels):
+        stop = start + runtime.batch_size
+        results.extend(runtime.annotate(pixels[start:stop], prompt, earlier[start:stop]))
+        start = stop
+    return results

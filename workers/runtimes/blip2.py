@@ -21,7 +21,7 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation, Results
+from workers.runtimes.base import Annotation, Results, annotate_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,7 @@ class CaptionModel:
 
     def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
         """Captions for `pixels`, in order, in micro-batches of `batch_size`."""
-        captions: list[str] = []
-        start = 0
-        while start < len(pixels):
-            size = self.batch_size
-            captions.extend(self.generate(pixels[start : start + size], prompt))
-            start += size
-        return captions
+        return [result.text for result in annotate_in_batches(self, pixels, prompt)]
 
     def caption(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
         """Captions for decoded images, in order (the worker feeds `caption_pixels` from its
