@@ -5,6 +5,7 @@ BLIP-2, WD14 and CLIP twins; small term lists, so a worker starts in seconds."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -244,3 +245,20 @@ def test_backfill_with_three_kinds_leaves_three_rows_per_image(
                             Key=f"captions/photos/{good[0].key}.interrogate.json")
     record = json.loads(sidecar["Body"].read())
     assert (record["caption"], record["tags"]) == (good[0].caption, good[0].tags)
+
+
+def test_demo_with_interrogate_uses_the_clip_twin_and_says_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")} | {
+        "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+        "CAPTIONER_KINDS": "caption,interrogate",
+        "CAPTIONER_TERM_LISTS_DIR": str(write_term_lists(tmp_path / "lists")),
+        "CAPTIONER_TERM_CACHE_DIR": str(tmp_path / "terms"),
+    }
+    done = subprocess.run([sys.executable, "-m", "cli", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ok_lines = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert sum(" interrogate " in line for line in ok_lines) == 5
+    assert sum(" caption " in line for line in ok_lines) == 5
+    assert "tiny-random-clip, a CLIP with random weights" in done.stdout
+    assert len(list((tmp_path / "terms").glob("*.safetensors"))) == 1
