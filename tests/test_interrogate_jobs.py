@@ -217,14 +217,20 @@ def test_backfill_with_three_kinds_leaves_three_rows_per_image(
                                       stderr=subprocess.STDOUT)
         try:
             wait_for_log(log_path, "ready", worker, timeout=180)
-            done = subprocess.run(
-                [sys.executable, "-m", "cli", "backfill", f"s3://photos/{prefix}"],
-                env=settings_env(settings), capture_output=True, text=True, timeout=120,
-                check=False,
-            )
-            assert done.returncode == 0, done.stderr
+            def backfill() -> str:
+                done = subprocess.run(
+                    [sys.executable, "-m", "cli", "backfill", f"s3://photos/{prefix}",
+                     "--kind", ",".join(KINDS)],
+                    env=settings_env(settings.model_copy(update={"kinds": ("caption",)})),
+                    capture_output=True, text=True, timeout=120, check=False,
+                )
+                assert done.returncode == 0, done.stderr
+                return done.stdout
+
             images = len(photos) + len(bad)
+            assert f"enqueued {images} images in 1 jobs" in backfill()
             rows = wait_for_rows(results, f"s3://photos/{prefix}", 3 * images, timeout=180)
+            assert "enqueued 0 images in 0 jobs" in backfill()  # every kind has its rows
         finally:
             worker.terminate()
             worker.wait(timeout=60)
