@@ -13,11 +13,11 @@ kinds  Caption + tags + prompt for every image: one job asking for the three kin
        jobs of one kind each (tiny BLIP-2, WD14 and CLIP twins, the shipped term lists,
        0.5-megapixel JPEGs). In-process: process_job + the results write on file:// images,
        the three jobs on three workers that each serve only their kind (what separate tools
-       are). Through the CLI: `captioner worker` serving the three kinds in a fresh process,
+       are); images per wall-clock second and per CPU-second of the process. Through the CLI: `captioner worker` serving the three kinds in a fresh process,
        fed through Redis from SeaweedFS, rows in PostgreSQL, from the first enqueue to the
        last row; and its start-up to ready with the term cache missing vs present.
 
-    .venv/bin/python -m bench.interrogate [terms|kinds|all] [--terms 1024] [--images 10]
+    .venv/bin/python -m bench.interrogate [terms|kinds|cli|all] [--terms 1024] [--images 10]
         [--kind-images 48] [--rounds 2]
 """
 
@@ -159,8 +159,10 @@ def kind_settings(**fields: object) -> Settings:
 
 
 def in_process_kinds(files: list[bytes], job_size: int, rounds: int, cache: Path,
-                     ) -> list[tuple[float, float]]:
-    """(one job, three jobs) images/s per round, alternating."""
+                     ) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(one job, three jobs) per round, alternating: images per wall-clock second, and
+    images per CPU-second of this process (all its threads), which other jobs on a shared
+    machine disturb far less."""
     with tempfile.TemporaryDirectory(prefix="bench-kinds-") as tmp:
         root = Path(tmp).resolve()
         uris = []
@@ -174,8 +176,9 @@ def in_process_kinds(files: list[bytes], job_size: int, rounds: int, cache: Path
         apart = {kinds: WorkerContext.create(base.model_copy(update={"kinds": kinds}))
                  for kinds in APART}
 
-        def run(plan: list[tuple[WorkerContext, tuple[str, ...]]], count: int) -> float:
-            start = time.perf_counter()
+        def run(plan: list[tuple[WorkerContext, tuple[str, ...]]], count: int,
+                ) -> tuple[float, float]:
+            start, cpu = time.perf_counter(), time.process_time()
             for first in range(0, count, job_size):
                 chunk = uris[first : min(first + job_size, count)]
                 items = tuple(JobItem(uri=uri) for uri in chunk)
@@ -186,7 +189,8 @@ def in_process_kinds(files: list[bytes], job_size: int, rounds: int, cache: Path
                     if any(row.status != "ok" for row in rows):
                         raise RuntimeError(f"failed rows: {[r.error for r in rows]}")
                     ctx.writer.write(rows)
-            return count / (time.perf_counter() - start)
+            return (count / (time.perf_counter() - start),
+                    count / (time.process_time() - cpu))
 
         one = [(together, KINDS)]
         three = [(apart[kinds], kinds) for kinds in APART]
@@ -195,7 +199,8 @@ def in_process_kinds(files: list[bytes], job_size: int, rounds: int, cache: Path
         runs = [(run(one, len(uris)), run(three, len(uris))) for _ in range(rounds)]
         for ctx in (together, *apart.values()):
             ctx.close()
-    return runs
+    return ([(one[0], three[0]) for one, three in runs],
+            [(one[1], three[1]) for one, three in runs])
 
 
 def start_worker(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[bytes], float]:
@@ -280,30 +285,30 @@ def through_cli(files: list[bytes], job_size: int, rounds: int, cache: Path, pos
     return runs, start_miss, start_hit
 
 
-def report_kinds(in_process: list[tuple[float, float]], cli: list[tuple[float, float]], *,
-                 start_miss: float, start_hit: float, images: int, job_size: int) -> None:
+def report_kinds(figures: dict[str, list[tuple[float, float]]], *, images: int, job_size: int,
+                 ) -> None:
     print(f"\ncaption + tags + prompt for {images} images (0.5 MP JPEG) in jobs of {job_size}, "
           f"images/s with all three outputs")
     print(f"{'where':<32} {'round':>5} {'one job':>8} {'3 jobs':>8} {'ratio':>6}")
-    for where, runs in (("in-process (3 workers apart)", in_process),
-                        ("CLI worker, Redis/S3/PostgreSQL", cli)):
+    for where, runs in figures.items():
         for i, (one, three) in enumerate(runs, 1):
             print(f"{where:<32} {i:>5} {one:>8.2f} {three:>8.2f} {one / three:>5.2f}x")
         median = statistics.median(one / three for one, three in runs)
         print(f"{where:<32} {'median ratio':>24} {median:>5.2f}x")
-    print(f"\n`captioner worker` (caption, tags, interrogate) start to ready, fresh process: "
-          f"term cache missing {start_miss:.1f} s, present {start_hit:.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("terms", "kinds", "all"), default="all")
+    parser.add_argument("what", nargs="?", choices=("terms", "kinds", "cli", "all"),
+                        default="all", help="kinds: in-process only; cli: through the worker")
     parser.add_argument("--terms", type=int, default=1024, help="terms recomputed per image")
     parser.add_argument("--images", type=int, default=10, help="images per term figure")
     parser.add_argument("--kind-images", type=int, default=48)
     parser.add_argument("--job-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--term-cache", type=Path,
+                        help="term embedding cache to reuse (default: a new one, filled once)")
     args = parser.parse_args()
     for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
                         ("AWS_DEFAULT_REGION", "us-east-1"), ("HF_HUB_OFFLINE", "1")):
@@ -318,15 +323,24 @@ def main() -> None:
                 directory = build_tiny_clip(Path(tmp) / name, **sizes)
                 rows.append(measure(name, directory, full, args.terms, args.images))
         report_terms(rows, len(full))
-    if args.what in ("kinds", "all"):
-        photos = jpegs(0.5)
-        files = [photos[i % len(photos)] for i in range(args.kind_images)]
-        with tempfile.TemporaryDirectory(prefix="bench-terms-") as cache:
-            in_process = in_process_kinds(files, args.job_size, args.rounds, Path(cache))
-            cli, miss, hit = through_cli(files, args.job_size, args.rounds, Path(cache),
-                                         args.postgres)
-        report_kinds(in_process, cli, start_miss=miss, start_hit=hit, images=len(files),
-                     job_size=args.job_size)
+    if args.what == "terms":
+        return
+    photos = jpegs(0.5)
+    files = [photos[i % len(photos)] for i in range(args.kind_images)]
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="bench-terms-") as tmp:
+        cache = args.term_cache or Path(tmp)
+        if args.what in ("kinds", "all"):
+            wall, cpu = in_process_kinds(files, args.job_size, args.rounds, cache)
+            figures["in-process, images/s"] = wall
+            figures["in-process, images/CPU-s"] = cpu
+        if args.what in ("cli", "all"):
+            cli, miss, hit = through_cli(files, args.job_size, args.rounds, cache, args.postgres)
+            figures["CLI worker, Redis/S3/PostgreSQL"] = cli
+    report_kinds(figures, images=len(files), job_size=args.job_size)
+    if args.what in ("cli", "all"):
+        print(f"\n`captioner worker` (caption, tags, interrogate) start to ready, fresh "
+              f"process: term cache missing {miss:.1f} s, present {hit:.1f} s")
 
 
 if __name__ == "__main__":
