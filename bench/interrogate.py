@@ -13,12 +13,13 @@ kinds  Caption + tags + prompt for every image: one job asking for the three kin
        jobs of one kind each (tiny BLIP-2, WD14 and CLIP twins, the shipped term lists,
        0.5-megapixel JPEGs). In-process: process_job + the results write on file:// images,
        the three jobs on three workers that each serve only their kind (what separate tools
-       are); images per wall-clock second and per CPU-second of the process. Through the CLI: `captioner worker` serving the three kinds in a fresh process,
-       fed through Redis from SeaweedFS, rows in PostgreSQL, from the first enqueue to the
-       last row; and its start-up to ready with the term cache missing vs present.
+       are); images per wall-clock second and per CPU-second of the process.
+cli    The same through the CLI: `captioner worker` serving the three kinds in a fresh
+       process, fed through Redis from SeaweedFS, rows in PostgreSQL, from the first enqueue
+       to the last row; and its start-up to ready with the term cache missing vs present.
 
     .venv/bin/python -m bench.interrogate [terms|kinds|cli|all] [--terms 1024] [--images 10]
-        [--kind-images 48] [--rounds 2]
+        [--kind-images 48] [--rounds 2] [--term-cache DIR]
 """
 
 from __future__ import annotations
