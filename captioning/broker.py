@@ -6,12 +6,17 @@ Producers only send with it; workers add the task and process hooks (workers/app
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
-from captioning.keys import UNACKED_KEY
+from captioning.errors import BrokerUnavailable
+from captioning.keys import UNACKED_INDEX_KEY, UNACKED_KEY
 from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob
 from captioning.settings import Settings
 
@@ -24,6 +29,21 @@ PUBLISH_RETRY_POLICY = {
     "interval_max": 3.0,
 }
 
+#: One-shot commands (enqueue, backfill, dead requeue) give up after ~10 s of retries:
+#: long enough for a Redis restart, short enough that a wrong CAPTIONER_BROKER_URL is
+#: reported while the user is still looking.
+COMMAND_PUBLISH_RETRY_POLICY = {
+    "max_retries": 5,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 3.0,
+}
+#: ... and a Redis that accepts the connection but never answers is an error, not a hang.
+COMMAND_SOCKET_TIMEOUT_S = 5.0
+
+
+UNACKED_MUTEX_EXPIRE_S = 15
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
@@ -31,12 +51,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "queue_order_strategy": "priority",
         # Named here so the exporter and `status` read the very hash kombu writes.
         "unacked_key": UNACKED_KEY,
+        "unacked_index_key": UNACKED_INDEX_KEY,
         # Longer than the longest job plus its longest retry countdown (celery#5935).
         "visibility_timeout": settings.visibility_timeout_s,
-        # Sweep for messages of vanished workers often enough that recovery takes about one
-        # visibility timeout, not kombu's default of up to 100 s more.
-        "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+        # The sweep restores what the heartbeat reaper released (captioning/heartbeats.py)
+        # and what outlived the visibility timeout: often, so a vanished worker's job is
+        # back within seconds of its heartbeat expiring.
+        "unacked_restore_interval": restore_interval_s(settings.heartbeat_ttl_s),
         "unacked_restore_throttle": 1,
+        # The sweep's lock outlives a worker killed while sweeping for this long, not 5 min.
+        "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
         # Notice a broker that vanished without closing the socket (failover, NAT timeout).
         "socket_keepalive": True,
     }
@@ -75,8 +99,8 @@ def broker_transport(broker_url: str) -> str | None:
     return None
 
 
-def restore_interval_s(visibility_timeout_s: int) -> int:
-    return max(1, min(10, visibility_timeout_s // 5))
+def restore_interval_s(heartbeat_ttl_s: int) -> int:
+    return max(1, min(5, heartbeat_ttl_s // 4))
 
 
 def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
@@ -93,10 +117,32 @@ def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-def create_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
+def create_app(
+    settings: Settings, *, include: tuple[str, ...] = (), one_shot: bool = False
+) -> Celery:
+    """`one_shot`: for a command that sends and exits, which gives up on Redis sooner."""
     app = Celery("captioner", broker=settings.broker_url, include=list(include))
     app.conf.update(celery_config(settings))
+    if one_shot:
+        app.conf.task_publish_retry_policy = COMMAND_PUBLISH_RETRY_POLICY
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "socket_timeout": COMMAND_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": COMMAND_SOCKET_TIMEOUT_S,
+        }
     return app
+
+
+@contextmanager
+def broker_errors() -> Iterator[None]:
+    """Redis and kombu connection errors, wherever a command meets them, as BrokerUnavailable."""
+    try:
+        yield
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(f"Redis refused our credentials ({exc})") from exc
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BrokerUnavailable(f"Redis unreachable ({reason})") from exc
 
 
 def send_job(

@@ -17,7 +17,12 @@ CaptionerError
 │   └── WorkerLost          its worker died on every delivery (crash, OOM, time limit)
 └── TransientError          the infrastructure failed; the job is retried with backoff
     ├── StoreUnavailable    object store timeout, 5xx or connection error
-    └── DatabaseUnavailable results database unreachable
+    │   └── StoreCredentialsError  no AWS credentials, or the store refused them
+    ├── DatabaseUnavailable results database unreachable
+    └── BrokerUnavailable   Redis unreachable, or it refused our password
+
+The `captioner` command turns each of these into one line on stderr and exit code 2
+(cli/main.py).
 """
 
 
@@ -97,5 +102,14 @@ class StoreUnavailable(TransientError):
     pass
 
 
+class StoreCredentialsError(StoreUnavailable):
+    """Transient for a worker (a rotated key or a refreshed role token fixes it); a user's
+    mistake for the command line."""
+
+
 class DatabaseUnavailable(TransientError):
+    pass
+
+
+class BrokerUnavailable(TransientError):
     pass

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from captioning.errors import ConfigError
@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     retry_backoff_max_s: int = Field(default=120, ge=1)
     max_job_retries: int = Field(default=10, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
+    # A worker silent this long is taken for gone and its jobs go back to their queues.
+    # Longer than any pause a live worker survives (GC, a Redis blip); far below 60 s.
+    heartbeat_ttl_s: int = Field(default=20, ge=2, le=3600)
+    # An accepted upload with no result this long after it was queued is queued again.
+    pending_requeue_after_s: int = Field(default=300, ge=1)
 
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     webhook_secret: SecretStr | None = None
@@ -166,4 +171,19 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc)) from exc
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each bad variable, its value and what it must be."""
+    problems = []
+    for error in exc.errors():
+        name = "CAPTIONER_" + str(error["loc"][0]).upper() if error["loc"] else "a setting"
+        shown = isinstance(error.get("input"), str | int) and "secret" not in name.lower()
+        value = f"={error['input']!r}" if shown else ""
+        reason = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}{value}: {reason}")
+    return "; ".join(problems) + ": fix or unset it (README, Settings)"

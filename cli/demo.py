@@ -15,7 +15,7 @@ import captioning
 from captioning.errors import ConfigError
 from captioning.messages import REALTIME_QUEUE
 from captioning.results import CaptionRow, ResultsStore
-from captioning.settings import Settings
+from captioning.settings import Settings, get_settings
 from cli.arguments import positive
 from cli.results import write_rows
 
@@ -66,10 +66,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from producer.enqueue import JobSender, enqueue_uris
     from producer.keys import is_image_key
 
+    get_settings()  # the worker it starts reads CAPTIONER_* too: a bad one is one line here
     directory = args.directory.resolve()
     images = sorted(p for p in directory.rglob("*") if p.is_file() and is_image_key(p.name))
     if not images:
-        raise ConfigError(f"no images (.jpg, .png, .webp, ...) under {directory}")
+        raise ConfigError(
+            f"no images (.jpg, .png, .webp, ...) under {directory}: give a folder of images"
+        )
     model = choose_demo_model()
     if model == TINY_MODEL:
         print(
@@ -111,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"], env=env
         )
         try:
-            with JobSender(create_app(settings), REALTIME_QUEUE) as sender:
+            with JobSender(create_app(settings, one_shot=True), REALTIME_QUEUE) as sender:
                 enqueue_uris((file_uri(p) for p in images), sender, settings, batch_size=8)
             print(f"enqueued {len(images)} images from {directory}; waiting for the worker...")
             rows = wait_for_rows(results, expected, args.timeout, worker)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from captioning.errors import ConfigError
@@ -71,14 +72,43 @@ def add_kind_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_uris(args: argparse.Namespace) -> Iterator[str]:
-    yield from args.uris
-    if args.from_file:
-        handle: TextIO = sys.stdin if args.from_file == "-" else open(args.from_file)  # noqa: SIM115
-        with handle:
-            for line in handle:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    yield line.strip()
+@contextmanager
+def uri_file(path: str | None) -> Iterator[Iterable[str]]:
+    """The lines of --from-file (stdin for '-'), opened before anything is sent."""
+    if path is None:
+        yield ()
+        return
+    try:
+        handle: TextIO = sys.stdin if path == "-" else open(path)  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc.strerror}): give a readable file of URIs"
+        ) from exc
+    with handle:
+        yield handle
+
+
+def read_uris(uris: Iterable[str], lines: Iterable[str], path: str | None) -> Iterator[str]:
+    """The URIs given as arguments, then the file's, without blank lines and # comments."""
+    for uri in uris:
+        yield text(uri, f"the argument {uri!r}")
+    try:
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield text(line.strip(), f"--from-file {path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc}): give a text file of URIs, one per line"
+        ) from exc
+
+
+def text(uri: str, origin: str) -> str:
+    """Bytes that are not UTF-8 reach us as surrogates (argv, stdin): refuse them here."""
+    try:
+        uri.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{origin} is not UTF-8 text: give URIs as UTF-8") from exc
+    return uri
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -88,9 +118,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
-    with JobSender(create_app(settings), args.queue) as sender:
-        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size,
-                     kinds=args.kind)
+    app = create_app(settings, one_shot=True)
+    with uri_file(args.from_file) as lines, JobSender(app, args.queue) as sender:
+        uris = read_uris(args.uris, lines, args.from_file)
+        enqueue_uris(uris, sender, settings, batch_size=args.batch_size, kinds=args.kind)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
@@ -150,10 +181,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.dry_run:
             report = run(None)
         else:
-            with JobSender(create_app(settings), args.queue) as sender:
+            with JobSender(create_app(settings, one_shot=True), args.queue) as sender:
                 report = run(sender)
-    finally:
-        progress.close(checkpoint, paused())
+    except BaseException:
+        if checkpoint.enqueued:  # where a run that got going stopped; nothing to say otherwise
+            progress.close(checkpoint, paused())
+        raise
+    progress.close(checkpoint, paused())
     verb = "would enqueue" if args.dry_run else "enqueued"
     print(
         f"listed {report.listed} objects, {report.images} images; skipped {report.skipped} "
