@@ -84,7 +84,8 @@ captions = Table(
     Column(
         "tags",
         JSON().with_variant(postgresql.JSONB(), "postgresql"),
-        comment="tags kind: {category: {tag: probability}}",
+        comment="tags kind: {category: {tag: probability}}; interrogate kind: the prompt's "
+        "terms, {list: {term: cosine similarity}}",
     ),
     Column("match_probability", Float, comment="ITM: P(caption matches image), by scorer"),
     Column("itc_cosine", Float, comment="ITC: image-caption cosine similarity, by scorer"),

@@ -171,11 +171,11 @@ def annotate_stream(
     *,
     lookahead: int,
 ) -> None:
-    """Annotate `states` with every kind of `runtimes` as their pixels arrive, `lookahead`
-    images prepared ahead; the caption kind with every one of `prompts` (one vision pass per
-    micro-batch), the other kinds with the first. The models (`turn`) are taken once the
-    first batch is ready and held to the last, so the jobs in flight finish in the order
-    they got them."""
+    """Annotate `states` with every kind of `runtimes`, in that order (a kind after those it
+    builds on), as their pixels arrive, `lookahead` images prepared ahead; the caption kind
+    with every one of `prompts` (one vision pass per micro-batch), the other kinds with the
+    first. The models (`turn`) are taken once the first batch is ready and held to the
+    last, so the jobs in flight finish in the order they got them."""
     if not runtimes:
         return
     batches = micro_batches(
@@ -189,7 +189,10 @@ def annotate_stream(
         for batch in chain([first], batches):
             for kind, runtime in runtimes.items():
                 with metrics.STAGE_SECONDS.labels("generate", kind).time():
-                    results = annotate_kind(kind, runtime, [s.pixels[kind] for s in batch], prompts)
+                    results = annotate_kind(
+                        kind, runtime, [s.pixels[kind] for s in batch], prompts,
+                        [s.results for s in batch],
+                    )
                 metrics.BATCH_SIZE.labels(kind).observe(len(batch))
                 for state, result in zip(batch, results, strict=True):
                     state.results[kind] = result
@@ -198,18 +201,26 @@ def annotate_stream(
 
 
 def annotate_kind(
-    kind: str, runtime: Runtime, pixels: Sequence[ModelPixels], prompts: Sequence[str]
+    kind: str,
+    runtime: Runtime,
+    pixels: Sequence[ModelPixels],
+    prompts: Sequence[str],
+    results: Sequence[Mapping[str, list[Annotation]]],
 ) -> list[list[Annotation]]:
     """Per image, one result per prompt the kind reads: the caption kind every prompt from
-    one vision pass (`annotate_prompts`), any other kind the first prompt."""
+    one vision pass (`annotate_prompts`), any other kind the first prompt, building on the
+    earlier kinds' results for it (`results`: per image, kind -> one per prompt)."""
     if kind != CAPTION.name:
-        return [[result] for result in annotate_in_batches(runtime, pixels, prompts[0])]
+        earlier = [{name: found[0] for name, found in image.items()} for image in results]
+        return [[one] for one in annotate_in_batches(runtime, pixels, prompts[0], earlier)]
     assert isinstance(runtime, CaptionModel)
     return in_batches(
         runtime,
-        pixels,
-        lambda batch: [
+        len(pixels),
+        lambda start, stop: [
             list(per_image)
-            for per_image in zip(*runtime.annotate_prompts(batch, prompts), strict=True)
+            for per_image in zip(
+                *runtime.annotate_prompts(pixels[start:stop], prompts), strict=True
+            )
         ],
     )

@@ -8,4 +8,6 @@ blip2.py    BLIP-2 captions (kind `caption`; several prompts and CapFilt candida
             vision pass)
 itm.py      BLIP-2 image-text matching: the match probability and cosine of each caption
 wd14.py     WD14 tags (kind `tags`)
+clip.py     CLIP image and text embeddings
+interrogate.py  CLIP Interrogator prompts: a caption and the closest terms (kind `interrogate`)
 """

@@ -3,7 +3,7 @@ postprocess, behind `annotate` so the pipeline never needs to know which kind it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -39,6 +39,10 @@ class Annotation:
     candidates: tuple[Candidate, ...] = ()
 
 
+#: One image's results so far: kind -> its annotation.
+Results = Mapping[str, Annotation]
+
+
 class Runtime(Protocol):
     """A model loaded once per worker process on one device.
 
@@ -64,29 +68,41 @@ class Runtime(Protocol):
         """One decoded RGB image -> this kind's uint8 pixels (runs in decode threads)."""
         ...
 
-    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
-        """Results for one micro-batch, in order (preprocess -> predict -> postprocess)."""
+    def annotate(
+        self, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results]
+    ) -> list[Annotation]:
+        """Results for one micro-batch, in order (preprocess -> predict -> postprocess).
+        `earlier` holds each image's results of the kinds run before this one in the job,
+        among them those it builds on (captioning/kinds.py); a kind that builds on none
+        may be given an empty sequence."""
         ...
 
 
 def annotate_in_batches(
-    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str
+    runtime: Runtime,
+    pixels: Sequence[ModelPixels],
+    prompt: str,
+    earlier: Sequence[Results] = (),
 ) -> list[Annotation]:
-    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch)."""
-    return in_batches(runtime, pixels, lambda batch: runtime.annotate(batch, prompt))
+    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch);
+    `earlier` as `Runtime.annotate` takes it, for the same images (empty for a kind that
+    builds on no other)."""
+    return in_batches(
+        runtime,
+        len(pixels),
+        lambda start, stop: runtime.annotate(pixels[start:stop], prompt, earlier[start:stop]),
+    )
 
 
 def in_batches(
-    runtime: Runtime,
-    pixels: Sequence[ModelPixels],
-    annotate: Callable[[Sequence[ModelPixels]], list[T]],
+    runtime: Runtime, count: int, annotate: Callable[[int, int], list[T]]
 ) -> list[T]:
-    """`annotate` over `pixels` in the runtime's micro-batches (`batch_size` read per batch:
-    it shrinks after an out-of-memory error), results concatenated in order."""
+    """`annotate(start, stop)` over `count` images in the runtime's micro-batches
+    (`batch_size` read per batch: it shrinks after an out-of-memory error), in order."""
     results: list[T] = []
     start = 0
-    while start < len(pixels):
-        size = runtime.batch_size
-        results.extend(annotate(pixels[start : start + size]))
-        start += size
+    while start < count:
+        stop = start + runtime.batch_size
+        results.extend(annotate(start, stop))
+        start = stop
     return results

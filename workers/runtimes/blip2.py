@@ -32,7 +32,7 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation, Candidate, annotate_in_batches
+from workers.runtimes.base import Annotation, Candidate, Results, annotate_in_batches
 from workers.runtimes.itm import Score, ScoreModel, vision_digest
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,11 @@ class CaptionModel:
         """Captions (the kept ones, under CapFilt) for one micro-batch."""
         return [annotation.text for annotation in self.annotate(pixels, prompt)]
 
-    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
-        """The runtime interface: one micro-batch's captions as annotations."""
+    def annotate(
+        self, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results] = ()
+    ) -> list[Annotation]:
+        """The runtime interface: one micro-batch's captions as annotations (built on
+        no other kind's results)."""
         return self.annotate_prompts(pixels, [prompt])[0]
 
     def annotate_prompts(
