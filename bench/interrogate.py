@@ -185,7 +185,7 @@ def in_process_kinds(files: list[bytes], job_size: int, rounds: int, cache: Path
                 items = tuple(JobItem(uri=uri) for uri in chunk)
                 for ctx, kinds in plan:
                     job = CaptionJob.create(items=items, annotators=annotators(base, kinds),
-                                            prompt="", source="cli")
+                                            prompts=("",), source="cli")
                     rows = process_job(job, ctx, BULK_QUEUE).rows
                     if any(row.status != "ok" for row in rows):
                         raise RuntimeError(f"failed rows: {[r.error for r in rows]}")

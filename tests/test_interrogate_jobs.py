@@ -71,6 +71,13 @@ class CountingRuntime:
         self.images += len(pixels)
         return self.runtime.annotate(pixels, prompt, earlier)
 
+    def annotate_prompts(
+        self, pixels: Sequence[ModelPixels], prompts: Sequence[str]
+    ) -> list[list[Annotation]]:
+        """The caption kind's entry point: every prompt of a job from one vision pass."""
+        self.images += len(pixels)
+        return self.runtime.annotate_prompts(pixels, prompts)  # type: ignore[attr-defined]
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -97,7 +104,7 @@ def job_for(root: Path, names: Sequence[str], kinds: Sequence[str], settings: Se
             prompt: str = "") -> CaptionJob:
     return CaptionJob.create(
         items=tuple(JobItem(uri=(root / name).as_uri()) for name in names),
-        annotators=annotators(settings, kinds), prompt=prompt, source="cli",
+        annotators=annotators(settings, kinds), prompts=(prompt,), source="cli",
     )
 
 
@@ -182,7 +189,7 @@ def test_bad_images_fail_every_kind_once_and_another_clip_is_refused(
     other = CaptionJob.create(
         items=(JobItem(uri=(root / "rocket.jpg").as_uri()),),
         annotators={"interrogate": f"{TINY_MODEL}+openai/clip-vit-base-patch32"},
-        prompt="", source="cli",
+        prompts=("",), source="cli",
     )
     [refused] = process_job(other, ctx, BULK_QUEUE).rows
     assert refused.status == "failed"

@@ -17,6 +17,7 @@ from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import TYPE_CHECKING, cast
 
 from PIL import Image
 
@@ -31,7 +32,9 @@ from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
 from workers.runtimes.base import Annotation, Runtime, annotate_in_batches, in_batches
-from workers.runtimes.blip2 import CaptionModel
+
+if TYPE_CHECKING:
+    from workers.runtimes.blip2 import CaptionModel
 
 
 @dataclass
@@ -213,14 +216,14 @@ def annotate_kind(
     if kind != CAPTION.name:
         earlier = [{name: found[0] for name, found in image.items()} for image in results]
         return [[one] for one in annotate_in_batches(runtime, pixels, prompts[0], earlier)]
-    assert isinstance(runtime, CaptionModel)
+    captioner = cast("CaptionModel", runtime)  # the caption kind's runtime, or a proxy of it
     return in_batches(
-        runtime,
+        captioner,
         len(pixels),
         lambda start, stop: [
             list(per_image)
             for per_image in zip(
-                *runtime.annotate_prompts(pixels[start:stop], prompts), strict=True
+                *captioner.annotate_prompts(pixels[start:stop], prompts), strict=True
             )
         ],
     )
