@@ -39,6 +39,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
         # Notice a broker that vanished without closing the socket (failover, NAT timeout).
         "socket_keepalive": True,
+        # Bodies are JSON text: kombu's default base64 would add a third to every message.
+        # The encoding travels in each message's properties, so workers read both forms.
+        "body_encoding": "utf-8",
     }
     return {
         "task_serializer": "json",

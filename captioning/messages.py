@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from captioning.errors import InvalidJob
+from captioning.wire import compact, expand
 
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
@@ -44,12 +45,17 @@ class CaptionJob(BaseModel):
     enqueued_at: float = Field(default_factory=time.time, ge=0)
 
     def to_message(self) -> dict[str, object]:
-        return self.model_dump(mode="json")
+        """The compact wire form (captioning/wire.py); `from_message` reads both forms."""
+        fields = self.model_dump(mode="json", exclude={"items"})
+        return compact(fields, [item.model_dump(mode="json") for item in self.items])
 
     @classmethod
     def from_message(cls, payload: object) -> CaptionJob:
         if not isinstance(payload, dict):
             raise InvalidJob(f"job must be a JSON object, got {type(payload).__name__}")
+        payload = expand(payload)
+        if isinstance(payload, str):
+            raise InvalidJob(f"invalid CaptionJob: {payload}")
         try:
             return cls.model_validate(payload, strict=False)
         except ValidationError as exc:

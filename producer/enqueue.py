@@ -56,7 +56,7 @@ class JobSender:
             queue=self._queue,
             producer=self._producer,
             ignore_result=True,
-            argsrepr=f"<CaptionJob of {len(job.items)} images from {job.source}>",
+            argsrepr=f"<{len(job.items)} images>",
             kwargsrepr="{}",
         )
         self.jobs_sent += 1
