@@ -65,8 +65,10 @@ captions = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("worker", Text),
+    Column("content_digest", Text, comment="sha256 of the image bytes; null if never fetched"),
     Index("ix_captions_uri", "uri"),
     Index("ix_captions_status_finished", "status", "finished_at"),
+    Index("ix_captions_digest", "content_digest", "model", "prompt"),
 )
 
 
@@ -89,6 +91,7 @@ class CaptionRow:
     finished_at: datetime
     worker: str | None
     attempts: int = 1
+    content_digest: str | None = None
 
     @property
     def row_id(self) -> str:
@@ -150,8 +153,19 @@ class ResultsStore:
             ) from exc
 
     def create_schema(self) -> None:
+        """Create the table, or add the nullable columns and indexes a newer release defines
+        to an existing one (existing rows untouched: the new columns are null)."""
         with self._connection(write=True) as conn:
             metadata.create_all(conn)
+            present = {column["name"] for column in inspect(conn).get_columns(captions.name)}
+            for column in captions.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE {captions.name} ADD COLUMN "{column.name}" {kind}'
+                    )
+            for index in captions.indexes:
+                index.create(conn, checkfirst=True)
 
     def require_schema(self) -> None:
         """Fail fast at worker start: without the table every job would retry, then die."""
@@ -201,6 +215,20 @@ class ResultsStore:
             query = query.limit(limit)
         with self._connection(write=False) as conn:
             return [CaptionRow(**row._mapping) for row in conn.execute(query)]
+
+    def earlier_captions(self, digests: Sequence[str], model: str, prompt: str) -> dict[str, str]:
+        """Captions of `ok` rows for these image contents, model and prompt: content dedupe
+        asks once per micro-batch (ix_captions_digest)."""
+        if not digests:
+            return {}
+        query = select(captions.c.content_digest, captions.c.caption).where(
+            captions.c.content_digest.in_(list(set(digests))),
+            captions.c.model == model,
+            captions.c.prompt == prompt,
+            captions.c.status == "ok",
+        )
+        with self._connection(write=False) as conn:
+            return {digest: caption for digest, caption in conn.execute(query)}
 
     def status_counts(self) -> dict[str, int]:
         query = select(captions.c.status, func.count()).group_by(captions.c.status)

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     allowed_roots: Annotated[tuple[Path, ...], NoDecode] = ()
     results_uri: str | None = None
+    # sidecar: a JSON object per image; parquet: a Parquet object per job (captioning/parquet.py)
+    results_format: Literal["sidecar", "parquet"] = "sidecar"
+    # Copy the caption of an image whose bytes were already captioned (same model and prompt).
+    content_dedupe: bool = False
 
     model: str = "Salesforce/blip2-opt-2.7b"
     device: str | None = None

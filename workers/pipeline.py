@@ -10,6 +10,7 @@ a transient store failure propagates (the job is retried).
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
@@ -45,6 +46,7 @@ class ItemState:
     pixels: ModelPixels | None = None
     caption: str | None = None
     error: ImageError | None = None
+    digest: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -77,6 +79,7 @@ class Stages:
             return
         state.etag, state.version_id = fetched.etag, fetched.version_id
         state.nbytes = len(fetched.data)
+        state.digest = hashlib.sha256(fetched.data).hexdigest()
         try:
             self.decode_pool.submit(self._decode, state, fetched.data).result()
         except ImageError as exc:
@@ -133,18 +136,41 @@ def caption_stream(
     turn: AbstractContextManager[object],
     *,
     lookahead: int,
+    earlier: EarlierCaptions | None = None,
 ) -> None:
     """Caption `states` as their pixels arrive, `lookahead` images prepared ahead. The model
     (`turn`) is taken once the first batch is ready and held to the last, so the jobs in
-    flight finish in the order they got it."""
+    flight finish in the order they got it. With `earlier` (content dedupe), images whose
+    bytes already have a caption get it copied and skip the model."""
     batches = micro_batches(stages.stream(states, lookahead), lambda: model.batch_size)
     first = next(batches, None)
     if first is None:
         return
     with turn:
-        for batch in chain([first], batches):
+        for prepared in chain([first], batches):
+            batch = prepared if earlier is None else copy_earlier(prepared, earlier)
+            if not batch:
+                continue
             with metrics.STAGE_SECONDS.labels("generate").time():
                 captions = model.generate([s.pixels for s in batch if s.pixels is not None], prompt)
             metrics.BATCH_SIZE.observe(len(batch))
             for state, caption in zip(batch, captions, strict=True):
                 state.caption, state.pixels = caption, None
+
+
+EarlierCaptions = Callable[[list[str]], dict[str, str]]
+"""content digests -> {digest: caption} of earlier `ok` rows for this job's model and prompt."""
+
+
+def copy_earlier(batch: list[ItemState], earlier: EarlierCaptions) -> list[ItemState]:
+    """Give each image whose bytes were captioned before that caption; return the rest."""
+    found = earlier([state.digest for state in batch if state.digest])
+    rest = []
+    for state in batch:
+        caption = found.get(state.digest or "")
+        if caption is None:
+            rest.append(state)
+        else:
+            state.caption, state.pixels = caption, None
+    metrics.DEDUPED.inc(len(batch) - len(rest))
+    return rest

@@ -52,6 +52,11 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
         for state in states:
             state.error = state.error or mismatch
 
+    earlier = None
+    if settings.content_dedupe:
+        earlier = lambda digests: ctx.results.earlier_captions(  # noqa: E731
+            digests, job.model, job.prompt
+        )
     caption_stream(
         [s for s in states if s.alive],
         job.prompt,
@@ -59,6 +64,7 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
         ctx.stages,
         ctx.model_turn,
         lookahead=max(2 * ctx.model.batch_size, settings.fetch_concurrency),
+        earlier=earlier,
     )
     finished = utcnow()
     return [_row(state, job, ctx.name, finished) for state in states]
@@ -84,6 +90,7 @@ def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> 
         enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
         finished_at=finished,
         worker=worker,
+        content_digest=state.digest,
     )
 
 

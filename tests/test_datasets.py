@@ -1,0 +1,153 @@
+"""Datasets in and out on real PostgreSQL and SeaweedFS: Parquet results per job, content
+dedupe, the schema upgrade, exports, S3 Inventory and parallel listing backfills."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from pyarrow.fs import S3FileSystem
+from sqlalchemy import create_engine, inspect, text
+
+from captioning import metrics
+from captioning.messages import CaptionJob, JobItem
+from captioning.parquet import ROW_SCHEMA, job_object_key, model_dir
+from captioning.results import CaptionRow, ResultsStore
+from captioning.settings import Settings
+from tests.imagefactory import encode, photo_bytes, sample_rgb
+from tests.services import SeaweedS3
+from workers.context import WorkerContext
+from workers.tasks import process_job
+
+
+@pytest.fixture(scope="module")
+def parquet_ctx(settings: Settings, results: ResultsStore) -> Iterator[WorkerContext]:
+    """A worker's context writing Parquet results with content dedupe on."""
+    configured = settings.model_copy(update={
+        "results_uri": f"s3://uploads/parquet-{uuid.uuid4().hex[:8]}",
+        "results_format": "parquet", "content_dedupe": True, "device": "cpu",
+    })
+    context = WorkerContext.create(configured)
+    yield context
+    context.close()
+
+
+def upload(s3, prefix: str, files: dict[str, bytes]) -> list[str]:
+    for name, data in files.items():
+        s3.put_object(Bucket="photos", Key=prefix + name, Body=data)
+    return [f"s3://photos/{prefix}{name}" for name in files]
+
+
+def listed_keys(s3, bucket: str, prefix: str) -> list[str]:
+    found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return [obj["Key"] for obj in found]
+
+
+def test_a_job_writes_one_parquet_object_that_a_redelivery_overwrites(
+    parquet_ctx: WorkerContext, results: ResultsStore, s3, seaweed: SeaweedS3, prefix: str
+) -> None:
+    photos = photo_bytes()
+    uris = upload(s3, prefix, {**photos, "missing-before.jpg": b""})
+    s3.delete_object(Bucket="photos", Key=prefix + "missing-before.jpg")
+    job = CaptionJob(items=tuple(JobItem(uri=u) for u in uris), model="tiny-random-blip2",
+                     source="cli", enqueued_at=1_767_225_600.0)  # 2026-01-01 UTC
+    for _delivery in range(2):
+        rows = process_job(job, parquet_ctx)
+        parquet_ctx.writer.write(rows)
+
+    root = parquet_ctx.settings.results_uri.removeprefix("s3://uploads/")
+    objects = listed_keys(s3, "uploads", root + "/")
+    assert objects == [job_object_key(root, rows)]
+    assert objects[0].startswith(f"{root}/tiny-random-blip2/2026-01-01/")
+    body = s3.get_object(Bucket="uploads", Key=objects[0])["Body"].read()
+    table = pq.read_table(io.BytesIO(body))
+    assert table.schema.equals(ROW_SCHEMA)
+    stored = {row.uri: row for row in results.rows(prefix=f"s3://photos/{prefix}")}
+    assert len(table) == len(uris) == len(stored)
+    for record in table.to_pylist():
+        row = stored[record["uri"]]
+        assert record == {**asdict(row), "attempts": 1}, record["uri"]  # the first write's copy
+    failed = [r for r in table.to_pylist() if r["status"] == "failed"]
+    assert [r["error"].split(":")[0] for r in failed] == ["ObjectMissing"]
+    assert failed[0]["content_digest"] is None
+    assert all(len(r["content_digest"]) == 64 for r in table.to_pylist() if r["status"] == "ok")
+
+    store = S3FileSystem(endpoint_override=seaweed.endpoint, scheme="http", region="us-east-1")
+    day = ds.dataset(f"uploads/{root}/tiny-random-blip2/2026-01-01/", filesystem=store)
+    assert sorted(day.to_table().column("uri").to_pylist()) == sorted(uris)
+
+
+def test_the_same_bytes_under_another_key_copy_the_caption_without_the_model(
+    parquet_ctx: WorkerContext, results: ResultsStore, s3, prefix: str
+) -> None:
+    rocket = photo_bytes()["rocket.jpg"]
+    first = upload(s3, prefix, {"a/rocket.jpg": rocket})
+    model = "tiny-random-blip2"
+    original = process_job(CaptionJob(items=(JobItem(uri=first[0]),), model=model,
+                                      source="cli"), parquet_ctx)
+    parquet_ctx.writer.write(original)
+
+    fresh = encode(sample_rgb((40 + len(prefix), 30)).rotate(int(prefix[2:6], 16) % 360), "PNG")
+    copies = upload(s3, prefix, {"b/copy.jpg": rocket, "b/fresh.png": fresh})
+    deduped, to_model = metrics.DEDUPED._value.get(), metrics.BATCH_SIZE._sum.get()
+    rows = process_job(CaptionJob(items=tuple(JobItem(uri=u) for u in copies), model=model,
+                                  source="cli"), parquet_ctx)
+    assert metrics.DEDUPED._value.get() - deduped == 1
+    assert metrics.BATCH_SIZE._sum.get() - to_model == 1  # only the new image met the model
+    assert rows[0].caption == original[0].caption and rows[0].status == "ok"
+    assert rows[0].content_digest == original[0].content_digest
+    assert rows[1].content_digest != original[0].content_digest
+    assert rows[1].status == "ok"
+
+
+def test_db_upgrade_adds_the_digest_column_to_an_old_table(postgres_url: str) -> None:
+    engine = create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    schema = f"old_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    store = ResultsStore(url)
+    with store.engine.begin() as conn:  # the captions table as the previous release made it
+        conn.execute(text(
+            "CREATE TABLE captions (id varchar(64) PRIMARY KEY, uri text NOT NULL, "
+            "bucket text NOT NULL, key text NOT NULL, etag text NOT NULL, version_id text, "
+            "model text NOT NULL, prompt text NOT NULL, status varchar(8) NOT NULL, "
+            "caption text, error text, width integer, height integer, bytes integer, "
+            "attempts integer NOT NULL, enqueued_at timestamptz, "
+            "finished_at timestamptz NOT NULL, worker text)"
+        ))
+        conn.execute(text(
+            "INSERT INTO captions VALUES ('x', 's3://b/k', 'b', 'k', '', NULL, 'm', '', 'ok', "
+            "'a cat', NULL, 1, 1, 1, 1, NULL, now(), NULL)"
+        ))
+    store.create_schema()
+    store.create_schema()  # idempotent
+    with store.engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("captions")}
+        indexes = {i["name"] for i in inspect(conn).get_indexes("captions")}
+    assert "content_digest" in columns and "ix_captions_digest" in indexes
+    (old,) = store.rows()
+    assert (old.caption, old.content_digest) == ("a cat", None)
+    store.dispose()
+    engine.dispose()
+
+
+def test_model_dir_and_object_key_are_safe_and_stable() -> None:
+    assert model_dir("Salesforce/blip2-opt-2.7b") == "Salesforce--blip2-opt-2.7b"
+    assert model_dir("../odd model?") == "_--odd_model_"
+    assert model_dir("..") == "_"
+    when = datetime(2026, 3, 4, 23, 59, tzinfo=UTC)
+    row = CaptionRow(uri="s3://b/k.jpg", bucket="b", key="k.jpg", etag="", version_id=None,
+                     model="org/m", prompt="", status="ok", caption="c", error=None, width=1,
+                     height=1, bytes=1, enqueued_at=when, finished_at=datetime.now(UTC),
+                     worker="w")
+    key = job_object_key("/out/", [row])
+    assert key.startswith("out/org--m/2026-03-04/") and key.endswith(".parquet")
+    assert job_object_key("out", [replace(row, finished_at=when, attempts=3)]) == key
+    assert job_object_key("out", [replace(row, uri="s3://b/other.jpg")]) != key
