@@ -133,9 +133,14 @@ class S3Store:
         with _s3_errors(f"s3://{bucket}/{key}"):
             self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
-    def list(self, bucket: str, prefix: str, start_after: str = "") -> Iterator[list[ListedObject]]:
-        """Yield one page (up to 1,000 objects) at a time, in key order."""
+    def list(
+        self, bucket: str, prefix: str, start_after: str = "", delimiter: str = ""
+    ) -> Iterator[list[ListedObject]]:
+        """Yield one page (up to 1,000 objects) at a time, in key order; with a delimiter,
+        only the objects directly under the prefix."""
         params: dict[str, str] = {"Bucket": bucket, "Prefix": prefix}
+        if delimiter:
+            params["Delimiter"] = delimiter
         if start_after:
             params["StartAfter"] = start_after
         paginator = self.client.get_paginator("list_objects_v2")
@@ -150,6 +155,23 @@ class S3Store:
                     )
                     for obj in page.get("Contents", [])
                 ]
+
+
+    def list_direct(
+        self, bucket: str, prefix: str, start_after: str = ""
+    ) -> Iterator[list[ListedObject]]:
+        return self.list(bucket, prefix, start_after, delimiter="/")
+
+    def common_prefixes(self, bucket: str, prefix: str) -> tuple[list[str], bool]:
+        """The sub-prefixes one `/` below `prefix`, and whether objects lie directly in it."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        subs: list[str] = []
+        direct = False
+        with _s3_errors(f"s3://{bucket}/{prefix}"):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                subs += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
+                direct = direct or bool(page.get("Contents"))
+        return subs, direct
 
 
 class FileStore:
