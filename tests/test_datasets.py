@@ -3,11 +3,14 @@ dedupe, the schema upgrade, exports, S3 Inventory and parallel listing backfills
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -16,10 +19,13 @@ from pyarrow.fs import S3FileSystem
 from sqlalchemy import create_engine, inspect, text
 
 from captioning import metrics
+from captioning.errors import ConfigError
+from captioning.exporting import Selection, count, export
 from captioning.messages import CaptionJob, JobItem
 from captioning.parquet import ROW_SCHEMA, job_object_key, model_dir
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
+from captioning.storage import S3Store
 from tests.imagefactory import encode, photo_bytes, sample_rgb
 from tests.services import SeaweedS3
 from workers.context import WorkerContext
@@ -151,3 +157,84 @@ def test_model_dir_and_object_key_are_safe_and_stable() -> None:
     assert key.startswith("out/org--m/2026-03-04/") and key.endswith(".parquet")
     assert job_object_key("out", [replace(row, finished_at=when, attempts=3)]) == key
     assert job_object_key("out", [replace(row, uri="s3://b/other.jpg")]) != key
+
+
+def synthetic_rows(prefix: str, count: int, local: Path | None = None) -> list[CaptionRow]:
+    """Rows as workers write them: ok and failed, two models, S3 or local images."""
+    when = datetime(2026, 5, 1, tzinfo=UTC)
+    rows = []
+    for n in range(count):
+        uri = (local / f"img{n}.jpg").as_uri() if local else f"s3://photos/{prefix}d/{n:03d}.jpg"
+        ok = n % 4 != 3
+        rows.append(CaptionRow(
+            uri=uri, bucket="" if local else "photos",
+            key=str(local / f"img{n}.jpg") if local else f"{prefix}d/{n:03d}.jpg",
+            etag=f"e{n}", version_id=None, model="m1" if n % 5 else "m2", prompt="",
+            status="ok" if ok else "failed", caption=f"caption {n}, «quoted»" if ok else None,
+            error=None if ok else "ObjectMissing: gone", width=n, height=1, bytes=10,
+            enqueued_at=when, finished_at=when + timedelta(minutes=n), worker="w",
+            content_digest=f"{n:064x}",
+        ))
+    return rows
+
+
+def test_export_streams_parquet_jsonl_and_csv_locally_and_to_s3_with_filters(
+    results: ResultsStore, s3, settings: Settings, prefix: str, tmp_path: Path
+) -> None:
+    rows = synthetic_rows(prefix, 40)
+    results.upsert(rows)
+    everything = Selection(prefix=f"s3://photos/{prefix}")
+    assert count(results, everything) == 40
+    store = lambda: S3Store(settings)  # noqa: E731
+
+    seen: list[int] = []
+    written = export(results, everything, "parquet", str(tmp_path / "all.parquet"), s3=store,
+                     on_rows=seen.append)
+    assert written == sum(seen) == 40
+    table = pq.read_table(tmp_path / "all.parquet")
+    assert table.to_pylist() == [asdict(row) for row in sorted(rows, key=lambda r: r.uri)]
+
+    picked = Selection(prefix=f"s3://photos/{prefix}", model="m1", status="ok",
+                       since=datetime(2026, 5, 1, 0, 10, tzinfo=UTC))
+    expected = [r for r in rows if r.model == "m1" and r.status == "ok"
+                and r.finished_at >= picked.since]
+    export(results, picked, "jsonl", f"s3://uploads/{prefix}export.jsonl", s3=store)
+    body = s3.get_object(Bucket="uploads", Key=f"{prefix}export.jsonl")["Body"].read()
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert lines == [row.to_json() for row in expected]
+
+    export(results, picked, "csv", str(tmp_path / "picked.csv"), s3=store)
+    with open(tmp_path / "picked.csv", newline="", encoding="utf-8") as handle:
+        records = list(csv.DictReader(handle))
+    assert [(r["uri"], r["caption"]) for r in records] == [(r.uri, r.caption) for r in expected]
+
+    export(results, everything, "parquet", f"s3://uploads/{prefix}all.parquet", s3=store)
+    body = s3.get_object(Bucket="uploads", Key=f"{prefix}all.parquet")["Body"].read()
+    assert pq.read_table(io.BytesIO(body)).equals(table)
+
+
+def test_export_txt_writes_caption_files_beside_local_images_and_under_a_prefix(
+    results: ResultsStore, s3, settings: Settings, prefix: str, local_root: Path
+) -> None:
+    folder = local_root / prefix.strip("/")
+    folder.mkdir()
+    local = synthetic_rows(prefix, 8, local=folder)
+    remote = synthetic_rows(prefix, 8)
+    results.upsert(local + remote)
+    store = lambda: S3Store(settings)  # noqa: E731
+
+    export(results, Selection(prefix=folder.as_uri()), "txt", "", s3=store)
+    assert sorted(p.name for p in folder.glob("*.txt")) == sorted(
+        f"img{r.width}.txt" for r in local if r.status == "ok"
+    )
+    assert (folder / "img1.txt").read_text() == "caption 1, «quoted»"
+
+    written = export(results, Selection(prefix=f"s3://photos/{prefix}"), "txt",
+                     f"s3://uploads/{prefix}txt/", s3=store)
+    assert written == 6
+    keys = sorted(listed_keys(s3, "uploads", f"{prefix}txt/"))
+    assert keys == sorted(f"{prefix}txt/d/{r.width:03d}.txt" for r in remote if r.status == "ok")
+    body = s3.get_object(Bucket="uploads", Key=f"{prefix}txt/d/002.txt")["Body"].read()
+    assert body.decode() == "caption 2, «quoted»"
+    with pytest.raises(ConfigError, match="beside the images need local images"):
+        export(results, Selection(prefix=f"s3://photos/{prefix}"), "txt", "", s3=store)
