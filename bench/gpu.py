@@ -44,8 +44,9 @@ from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import allowed_location
 from workers.context import decode_threads
-from workers.model import CaptionModel, tiny_tokenizer
 from workers.pipeline import ItemState, Stages, caption_stream
+from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.tiny import tiny_tokenizer
 
 NEW_TOKENS = 20
 PROMPT = ""

@@ -291,7 +291,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
         }
         log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
         worker = subprocess.Popen(
-            [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

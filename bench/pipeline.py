@@ -38,8 +38,9 @@ from captioning.settings import Settings
 from producer.enqueue import JobSender, enqueue_uris
 from tests.services import SeaweedS3
 from workers.images import decode_image
-from workers.model import TINY_MODEL, CaptionModel
 from workers.pixels import ModelPixels
+from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.tiny import TINY_MODEL
 
 BUCKET, RESULTS_BUCKET = "photos", "results"
 
@@ -105,7 +106,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
             env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 180

@@ -84,7 +84,7 @@ class Soak:
 
     def backfill(self) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "captioning.cli", "backfill", f"s3://{BUCKET}/{PREFIX}",
+            [sys.executable, "-m", "cli", "backfill", f"s3://{BUCKET}/{PREFIX}",
              "--batch-size", str(self.args.job_size)],
             env=self.env, capture_output=True, text=True, timeout=600, check=True,
         )

@@ -9,11 +9,11 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import redis
 from celery import Celery
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
+# captioning/cli.py imports redis_client from here until the CLI moves to cli/.
+from captioning.connections import redis_client  # noqa: F401
+from captioning.keys import UNACKED_KEY
 from captioning.messages import BULK_QUEUE, TASK_NAME
 from captioning.settings import Settings
 
@@ -31,6 +31,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         # Serve captions.realtime before captions.bulk: BRPOP in the listed order.
         "queue_order_strategy": "priority",
+        # Named here so the exporter and `status` read the very hash kombu writes.
+        "unacked_key": UNACKED_KEY,
         # Longer than the longest job plus its longest retry countdown (celery#5935).
         "visibility_timeout": settings.visibility_timeout_s,
         # Sweep for messages of vanished workers often enough that recovery takes about one
@@ -101,16 +103,3 @@ def create_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
     app.conf.update(celery_config(settings))
     return app
 
-
-def redis_client(broker_url: str) -> redis.Redis:
-    """A plain Redis client on the broker (dead letters, delivery counts) that rides out a
-    short Redis restart: a few retries with backoff, and timeouts instead of hanging."""
-    return redis.Redis.from_url(
-        broker_url,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), 5),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )

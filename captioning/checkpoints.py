@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-CHECKPOINTS_KEY = "captioner:backfills"
+from captioning.keys import BACKFILLS_KEY
 
 
 @dataclass
@@ -40,15 +40,15 @@ class Checkpoints:
         self._redis = client
 
     def get(self, name: str) -> Checkpoint | None:
-        raw = self._redis.hget(CHECKPOINTS_KEY, name)
+        raw = self._redis.hget(BACKFILLS_KEY, name)
         return Checkpoint(**json.loads(raw)) if raw else None
 
     def save(self, checkpoint: Checkpoint) -> None:
         checkpoint.updated_at = time.time()
-        self._redis.hset(CHECKPOINTS_KEY, checkpoint.name, json.dumps(asdict(checkpoint)))
+        self._redis.hset(BACKFILLS_KEY, checkpoint.name, json.dumps(asdict(checkpoint)))
 
     def all(self) -> list[Checkpoint]:
-        raw = self._redis.hgetall(CHECKPOINTS_KEY)
+        raw = self._redis.hgetall(BACKFILLS_KEY)
         return sorted(
             (Checkpoint(**json.loads(value)) for value in raw.values()),
             key=lambda checkpoint: checkpoint.updated_at,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from captioning.broker import redis_client
-from captioning.messages import DEAD_QUEUE
+from captioning.connections import redis_client
+from captioning.keys import DEAD_QUEUE
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from types import TracebackType
 
 import redis
 
+from captioning.connections import redis_client
 from captioning.errors import ConfigError
 
 
@@ -56,7 +57,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url)
+        client = redis_client(self.url, retries=0, timeout_s=1)
         deadline = time.monotonic() + 10
         while True:
             try:

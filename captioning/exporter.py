@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
 from captioning.messages import WORK_QUEUES
 from captioning.queues import inflight_stats, queue_stats_for
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class QueueCollector(Collector):
     def __init__(self, broker_url: str) -> None:
-        self._client = redis.Redis.from_url(broker_url, socket_timeout=5)
+        # No retries: a scrape has its own deadline, and the next one comes soon.
+        self._client = redis_client(broker_url, retries=0, timeout_s=5)
         self._dead = DeadLetters(broker_url)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

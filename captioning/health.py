@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-HEALTH_PREFIX = "captioner:health:"
+from captioning.connections import redis_client
+from captioning.keys import health_key
+
 REFRESH_EVERY_S = 10.0
 STALE_AFTER_S = 60.0
 
@@ -28,10 +30,6 @@ class WorkerHealth:
     model: str
     warmed: bool
     updated_at: float
-
-
-def health_key(host: str) -> str:
-    return HEALTH_PREFIX + host
 
 
 def is_healthy(health: WorkerHealth | None, *, ready: bool, now: float) -> bool:
@@ -49,7 +47,8 @@ class HealthBeacon:
     """A daemon thread that rewrites this worker's health key every few seconds."""
 
     def __init__(self, broker_url: str, *, model: str, pid: int) -> None:
-        self._client = redis.Redis.from_url(broker_url, socket_timeout=5)
+        # No retries: a missed beat is retried by the loop, 10 s later.
+        self._client = redis_client(broker_url, retries=0, timeout_s=5)
         self._host = socket.gethostname()
         self._model = model
         self._pid = pid

@@ -18,7 +18,6 @@ from captioning.wire import compact, expand
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
 BULK_QUEUE = "captions.bulk"
-DEAD_QUEUE = "captions.dead"
 WORK_QUEUES = (REALTIME_QUEUE, BULK_QUEUE)
 
 Source = Literal["backfill", "event", "cli"]

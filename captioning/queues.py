@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import redis
 
+from captioning.keys import UNACKED_KEY
+
 SAMPLE_MESSAGES = 50
 
 
@@ -62,9 +64,6 @@ def queue_stats_for(client: redis.Redis, queue: str, now: float | None = None) -
     return QueueStats(jobs=jobs, images=images, oldest_age_s=max(0.0, age))
 
 
-UNACKED_KEY = "unacked"
-
-
 @dataclass(frozen=True)
 class InFlight:
     jobs: int
@@ -72,7 +71,7 @@ class InFlight:
 
 
 def inflight_stats(client: redis.Redis) -> InFlight:
-    """Jobs reserved by workers but not acked: kombu keeps them in the `unacked` hash.
+    """Jobs reserved by workers but not acked: kombu keeps them in the UNACKED_KEY hash.
 
     Few (one per worker process with prefetch 1), so every one is read.
     """

@@ -10,14 +10,15 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-from captioning.broker import create_app, redis_client
+from captioning.broker import create_app
 from captioning.checkpoints import Checkpoint, Checkpoints
+from captioning.connections import redis_client
+from captioning.keys import UNACKED_KEY
 from captioning.messages import WORK_QUEUES
 from captioning.queues import QueueStats, queue_stats_for
 from captioning.results import ResultsStore, utcnow
 from captioning.settings import Settings
 
-UNACKED_KEY = "unacked"
 PING_TIMEOUT_S = 1.0
 
 

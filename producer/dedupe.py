@@ -13,15 +13,15 @@ from collections.abc import Sequence
 
 import redis
 
+from captioning import keys
 from producer.events import ObjectRef
 
-SEEN_PREFIX = "captioner:seen:"
 DEFAULT_TTL_S = 6 * 3600
 
 
-def seen_key(ref: ObjectRef) -> str:
+def claim_key(ref: ObjectRef) -> str:
     identity = f"{ref.bucket}\0{ref.key}\0{ref.etag or ''}\0{ref.version_id or ''}"
-    return SEEN_PREFIX + hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+    return keys.seen_key(hashlib.blake2b(identity.encode(), digest_size=16).hexdigest())
 
 
 class Deduper:
@@ -38,10 +38,10 @@ class Deduper:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for ref in unique:
-            pipe.set(seen_key(ref), b"1", nx=True, ex=self._ttl_s)
+            pipe.set(claim_key(ref), b"1", nx=True, ex=self._ttl_s)
         return [ref for ref, fresh in zip(unique, pipe.execute(), strict=True) if fresh]
 
     def release(self, refs: Sequence[ObjectRef]) -> None:
         """Forget claims whose jobs were not enqueued, so the redelivery is not dropped."""
         if refs:
-            self._redis.delete(*(seen_key(ref) for ref in refs))
+            self._redis.delete(*(claim_key(ref) for ref in refs))

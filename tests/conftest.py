@@ -126,7 +126,7 @@ def worker(
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
             env=settings_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -204,7 +204,7 @@ def backlog_broker() -> Iterator[PrivateRedis]:
 def exporter(backlog_broker: PrivateRedis) -> Iterator[int]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "captioning.cli", "exporter", "--port", str(port)],
+        [sys.executable, "-m", "cli", "exporter", "--port", str(port)],
         env={**settings_env(Settings()), "CAPTIONER_BROKER_URL": backlog_broker.url},
     )
     deadline = time.monotonic() + 30

@@ -24,11 +24,11 @@ import redis
 from celery import Celery
 
 from captioning.embedded import free_port, redis_server_binary
+from captioning.keys import deliveries_key
 from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob, JobItem
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from tests.imagefactory import encode
-from workers.delivery import COUNT_KEY
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -65,7 +65,7 @@ class Worker:
     def start(self, *, ready_timeout: float = 120) -> Worker:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "captioning.cli", "worker", "--loglevel", "INFO",
+                [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO",
                  "--concurrency", str(self.concurrency)],
                 env=dict(self.env), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -323,7 +323,7 @@ class Rig:
                            task_id=task_id, ignore_result=True)
 
     def started(self, task_id: str) -> None:
-        wait_until(lambda: self.client.get(COUNT_KEY.format(task_id)), 60,
+        wait_until(lambda: self.client.get(deliveries_key(task_id)), 60,
                    f"job {task_id} to start", every=0.01)
 
 

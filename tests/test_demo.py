@@ -15,7 +15,7 @@ def test_demo_captions_every_sample_photo_and_says_they_are_placeholders(tmp_pat
         k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")
     } | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "captioning.cli", "demo"],
+        [sys.executable, "-m", "cli", "demo"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -21,7 +21,8 @@ from sqlalchemy import text
 from captioning.broker import celery_config, create_app
 from captioning.deadletters import DeadLetters
 from captioning.errors import ImageTooLarge, ObjectMissing, WorkerLost
-from captioning.messages import BULK_QUEUE, DEAD_QUEUE, TASK_NAME, CaptionJob, JobItem
+from captioning.keys import DEAD_QUEUE
+from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob, JobItem
 from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import FileStore, S3Store
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "captioning.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -139,7 +139,7 @@ def test_database_outage_holds_the_ack_until_written(
 
 
 def captioner(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "captioning.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -155,7 +155,7 @@ def test_redis_restart_mid_backfill_then_backfill_again_completes(
 
     broker.kill()  # Redis keeps nothing on disk: every queued job is gone
     backfill = subprocess.Popen(  # a producer that starts while Redis is down
-        [sys.executable, "-m", "captioning.cli", "backfill", source, "--batch-size", "2"],
+        [sys.executable, "-m", "cli", "backfill", source, "--batch-size", "2"],
         env=rig.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     time.sleep(3)

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from captioning.broker import create_app
+from captioning.keys import UNACKED_KEY, deliveries_key
 from captioning.messages import BULK_QUEUE
 from captioning.results import ResultsStore
 from captioning.settings import Settings
@@ -29,7 +30,6 @@ from tests.faults import (
     worker_env,
 )
 from tests.imagefactory import photo_bytes
-from workers.delivery import COUNT_KEY
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -103,7 +103,7 @@ def _new_delivery(
 ) -> bool:
     """True once a delivery that may still run (count <= `most`) starts for one of `ids`."""
     for task_id in ids:
-        count = client.get(COUNT_KEY.format(task_id))
+        count = client.get(deliveries_key(task_id))
         if count is not None and int(count) <= most and (task_id, int(count)) not in seen:
             seen.append((task_id, int(count)))
             return True
@@ -121,13 +121,13 @@ def test_a_vanished_worker_s_job_is_delivered_to_another_worker(
     rig.started(job_id)
 
     first.kill_all()  # the spot VM is gone: main process and pool, no chance to requeue
-    assert client.hlen("unacked") == 1
+    assert client.hlen(UNACKED_KEY) == 1
     rig.start_worker()
 
     rows = one_row_each(rig.results, uris, timeout=60 + rig.settings.visibility_timeout_s)
     assert [r.status for r in rows.values()] == ["ok", "ok"]
     assert all(r.attempts == 1 for r in rows.values())
-    assert client.hlen("unacked") == 0
+    assert client.hlen(UNACKED_KEY) == 0
 
 
 def test_sigterm_finishes_the_job_in_hand_and_leaves_the_rest_queued(
@@ -148,7 +148,7 @@ def test_sigterm_finishes_the_job_in_hand_and_leaves_the_rest_queued(
     rows = one_row_each(rig.results, in_hand, timeout=1)
     assert all(r.status == "ok" and r.attempts == 1 for r in rows.values())
     assert rig.results.rows(prefix=waiting[0]) == []
-    assert client.llen(BULK_QUEUE) == 1 and client.hlen("unacked") == 0
+    assert client.llen(BULK_QUEUE) == 1 and client.hlen(UNACKED_KEY) == 0
 
     rig.start_worker()
     assert one_row_each(rig.results, waiting, timeout=60)[waiting[0]].status == "ok"

@@ -102,7 +102,7 @@ def test_sqs_listener_captions_an_upload_once_and_deletes_its_messages(
         sqs.send_message(QueueUrl=queue_url, MessageBody=body)
 
     listener = subprocess.Popen(
-        [sys.executable, "-m", "captioning.cli", "listen", "sqs", "--queue-url", queue_url,
+        [sys.executable, "-m", "cli", "listen", "sqs", "--queue-url", queue_url,
          "--endpoint-url", sqs.meta.endpoint_url],
         env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -312,7 +312,7 @@ def test_max_queue_depth_pauses_listing_until_workers_drain(
 
 def captioner(settings: Settings, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "captioning.cli", *args], env=settings_env(settings),
+        [sys.executable, "-m", "cli", *args], env=settings_env(settings),
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr

@@ -12,13 +12,9 @@ from PIL import Image
 
 from captioning.errors import ModelLoadError
 from captioning.settings import Settings
-from workers.model import (
-    PLACEHOLDER_NOTICE,
-    TINY_MODEL,
-    CaptionModel,
-    build_tiny_blip2,
-    weights_cached,
-)
+from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.loading import weights_cached
+from workers.runtimes.tiny import PLACEHOLDER_NOTICE, TINY_MODEL, build_tiny_blip2
 
 QUESTION = "Question: what is in the picture? Answer:"
 TEXT_MODELS = ("opt", "t5")

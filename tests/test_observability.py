@@ -55,7 +55,7 @@ def test_health_probe_passes_for_a_warmed_worker(settings: Settings) -> None:
     env = settings_env(settings)
     for args in (["health"], ["health", "--ready"]):
         done = subprocess.run(
-            [sys.executable, "-m", "captioning.cli", *args], env=env, capture_output=True,
+            [sys.executable, "-m", "cli", *args], env=env, capture_output=True,
             text=True, timeout=60, check=False,
         )
         assert done.returncode == 0, done.stderr
@@ -64,7 +64,7 @@ def test_health_probe_passes_for_a_warmed_worker(settings: Settings) -> None:
 def test_health_probe_fails_without_a_worker() -> None:
     with PrivateRedis() as broker:
         done = subprocess.run(
-            [sys.executable, "-m", "captioning.cli", "health", "--ready"],
+            [sys.executable, "-m", "cli", "health", "--ready"],
             env={**settings_env(Settings()), "CAPTIONER_BROKER_URL": broker.url},
             capture_output=True, text=True, timeout=60, check=False,
         )

@@ -27,7 +27,7 @@ RowsUnder = Callable[..., list[CaptionRow]]
 
 def captioner(settings: Settings, *args: str, stdin: str | None = None) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "captioning.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env=settings_env(settings),
         input=stdin,
         capture_output=True,

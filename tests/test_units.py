@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from captioning.cli import format_table
 from captioning.errors import ConfigError, InvalidJob, UriRefused
 from captioning.messages import CaptionJob, JobItem
 from captioning.queues import images_in, job_of
@@ -18,6 +17,7 @@ from captioning.results import CaptionRow, ResultsStore, row_id, sidecar_key
 from captioning.settings import Settings
 from captioning.storage import ListedObject
 from captioning.uris import allowed_location, parse_prefix, parse_uri
+from cli.results import format_table
 from producer.backfill import Filters, pending_items
 from producer.enqueue import make_jobs
 from producer.keys import is_image_key

@@ -24,7 +24,7 @@ def test_worker_without_the_captions_table_stops_and_says_run_db_upgrade(
             "CAPTIONER_POOL": pool,
         }
         done = subprocess.run(
-            [sys.executable, "-m", "captioning.cli", "worker"], env=env, capture_output=True,
+            [sys.executable, "-m", "cli", "worker"], env=env, capture_output=True,
             text=True, timeout=120, check=False,
         )
     output = done.stdout + done.stderr

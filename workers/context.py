@@ -17,8 +17,8 @@ from captioning.errors import DatabaseUnavailable
 from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
-from workers.model import CaptionModel
 from workers.pipeline import Stages
+from workers.runtimes.blip2 import CaptionModel
 from workers.write import ResultWriter
 
 log = logging.getLogger(__name__)

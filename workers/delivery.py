@@ -25,19 +25,16 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 
 from captioning import metrics
-from captioning.broker import redis_client
+from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
 from captioning.errors import InvalidJob, UriRefused, WorkerLost
+from captioning.keys import deliveries_key, done_key
 from captioning.messages import TASK_NAME, CaptionJob
 from captioning.results import CaptionRow, utcnow
 from captioning.settings import Settings, get_settings
 from captioning.uris import parse_uri
 
 log = logging.getLogger(__name__)
-
-COUNT_KEY = "captioner:deliveries:{}"
-DONE_KEY = "captioner:done:{}"
-
 
 class DeliveryLedger:
     """Delivery counts and done markers per task id, with TTLs so nothing piles up."""
@@ -51,7 +48,7 @@ class DeliveryLedger:
 
     def start(self, task_id: str) -> int:
         """Count this delivery; returns how many deliveries have started and not finished."""
-        key = COUNT_KEY.format(task_id)
+        key = deliveries_key(task_id)
         pipe = self._redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, self._count_ttl)
@@ -62,15 +59,15 @@ class DeliveryLedger:
         """Clear the count (and mark the job done). Fails open: the work is already safe."""
         pipe = self._redis.pipeline()
         if done:
-            pipe.set(DONE_KEY.format(task_id), 1, ex=self._done_ttl)
-        pipe.delete(COUNT_KEY.format(task_id))
+            pipe.set(done_key(task_id), 1, ex=self._done_ttl)
+        pipe.delete(deliveries_key(task_id))
         try:
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("cannot record the end of job %s (%s)", task_id, exc)
 
     def is_done(self, task_id: str) -> bool:
-        return bool(self._redis.exists(DONE_KEY.format(task_id)))
+        return bool(self._redis.exists(done_key(task_id)))
 
 
 _ledger: DeliveryLedger | None = None

@@ -27,8 +27,8 @@ from captioning.storage import Stores
 from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
-from workers.model import CaptionModel
 from workers.pixels import ModelPixels
+from workers.runtimes.blip2 import CaptionModel
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""Argument types shared by the command groups: they turn bad values into usage errors."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def since_date(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an ISO date like 2024-05-31: {exc}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def per_second(text: str) -> float:
+    value = float(text.removesuffix("/s"))
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive rate such as 500/s")
+    return value

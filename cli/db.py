@@ -1,0 +1,20 @@
+"""`captioner db upgrade`: create the captions table where it is missing."""
+
+from __future__ import annotations
+
+import argparse
+
+from captioning.results import ResultsStore
+from captioning.settings import get_settings
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    database = commands.add_parser("db", help="database schema")
+    database.add_argument("action", choices=("upgrade",))
+    database.set_defaults(run=cmd_db)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    ResultsStore(get_settings().database_url).create_schema()
+    print("captions table is up to date")
+    return 0

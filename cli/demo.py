@@ -1,0 +1,110 @@
+"""`captioner demo`: a folder captioned end to end on a private Redis, SQLite and local files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import captioning
+from captioning.errors import ConfigError
+from captioning.messages import REALTIME_QUEUE
+from captioning.results import CaptionRow, ResultsStore
+from captioning.settings import Settings
+from cli.arguments import positive
+from cli.results import write_rows
+
+log = logging.getLogger("captioner")
+
+SAMPLES_DIR = Path(captioning.__file__).parent / "samples"
+TINY_MODEL = "tiny-random-blip2"
+REAL_MODEL = "Salesforce/blip2-opt-2.7b"
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo", help="caption a folder end to end on a private Redis, SQLite and local files"
+    )
+    demo.add_argument("directory", nargs="?", type=Path, default=SAMPLES_DIR,
+                      help="folder of images (default: the bundled sample photos)")
+    demo.add_argument("--timeout", type=positive, default=600, help="seconds to wait")
+    demo.set_defaults(run=cmd_demo)
+
+
+def choose_demo_model() -> str:
+    """CAPTIONER_MODEL if set; else real BLIP-2 if already cached; else the tiny stand-in."""
+    if os.environ.get("CAPTIONER_MODEL"):
+        return os.environ["CAPTIONER_MODEL"]
+    from workers.runtimes.loading import weights_cached
+
+    return REAL_MODEL if weights_cached(REAL_MODEL) else TINY_MODEL
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app
+    from captioning.embedded import PrivateRedis
+    from captioning.uris import file_uri
+    from producer.enqueue import JobSender, enqueue_uris
+    from producer.keys import is_image_key
+
+    directory = args.directory.resolve()
+    images = sorted(p for p in directory.rglob("*") if p.is_file() and is_image_key(p.name))
+    if not images:
+        raise ConfigError(f"no images (.jpg, .png, .webp, ...) under {directory}")
+    model = choose_demo_model()
+    if model == TINY_MODEL:
+        print(
+            "note: using tiny-random-blip2, a BLIP-2 with random weights: its captions are "
+            f"placeholder noise. For real captions, download {REAL_MODEL} into the Hugging Face "
+            "cache (huggingface-cli download ...) or set CAPTIONER_MODEL to a local directory."
+        )
+    workdir = Path(os.environ.get("CAPTIONER_DEMO_DIR", Path.cwd() / ".captioner-demo"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    database = workdir / "captions.db"
+    database.unlink(missing_ok=True)
+    with PrivateRedis() as broker:
+        settings = Settings(
+            broker_url=broker.url,
+            database_url=f"sqlite:///{database}",
+            allowed_roots=(directory,),
+            model=model,
+            results_uri=(workdir / "sidecars").as_uri(),
+            metrics_port=0,
+        )
+        env = {**os.environ, **settings.as_env()}
+        results = ResultsStore(settings.database_url)
+        results.create_schema()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"], env=env
+        )
+        try:
+            with JobSender(create_app(settings), REALTIME_QUEUE) as sender:
+                enqueue_uris((file_uri(p) for p in images), sender, settings, batch_size=8)
+            print(f"enqueued {len(images)} images from {directory}; waiting for the worker...")
+            rows = wait_for_rows(results, len(images), args.timeout, worker)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    write_rows(rows, "table", sys.stdout)
+    print(f"results: {database} (sidecars in {workdir / 'sidecars'})")
+    return 0 if len(rows) == len(images) else 1
+
+
+def wait_for_rows(
+    results: ResultsStore, expected: int, timeout: float, worker: subprocess.Popen[bytes]
+) -> list[CaptionRow]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = results.rows()
+        if len(rows) >= expected:
+            return rows
+        if worker.poll() is not None:
+            raise ConfigError(f"the demo worker exited with code {worker.returncode}")
+        if time.monotonic() > deadline:
+            log.error("timed out: %d of %d images captioned", len(rows), expected)
+            return rows
+        time.sleep(0.5)

@@ -1,0 +1,147 @@
+"""`captioner enqueue` and `captioner backfill`: URIs and S3 listings become jobs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+from captioning.errors import ConfigError
+from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
+from captioning.results import ResultsStore
+from captioning.settings import get_settings
+from cli.arguments import per_second, positive, since_date
+
+log = logging.getLogger("captioner")
+
+DEFAULT_MAX_QUEUE_DEPTH = 100_000
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    enqueue = commands.add_parser("enqueue", help="send image URIs to the workers")
+    enqueue.add_argument("uris", nargs="*", metavar="URI", help="s3://bucket/key or file:///path")
+    enqueue.add_argument("--from-file", metavar="F", help="read URIs, one per line ('-' = stdin)")
+    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
+    enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    enqueue.set_defaults(run=cmd_enqueue)
+
+    backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
+    backfill.add_argument("prefix", metavar="s3://bucket/prefix")
+    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES)
+    backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    backfill.add_argument(
+        "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+        help="skip images that already have a row for this model and prompt (default: on)",
+    )
+    backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
+    backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
+    backfill.add_argument("--name", help="checkpoint name (default: the s3:// prefix)")
+    backfill.add_argument("--resume", action="store_true",
+                          help="continue after the checkpoint's last key (from the start if none)")
+    backfill.add_argument(
+        "--max-queue-depth", type=int, default=DEFAULT_MAX_QUEUE_DEPTH, metavar="IMAGES",
+        help="pause listing while the queue holds more images than this; 0 = no limit "
+        f"(default {DEFAULT_MAX_QUEUE_DEPTH:,}: ~10 MB of Redis, minutes of fleet work)",
+    )
+    backfill.add_argument("--since", type=since_date, metavar="DATE",
+                          help="only objects modified at or after DATE (ISO 8601, UTC default)")
+    backfill.add_argument("--match", metavar="GLOB",
+                          help="only keys below the prefix matching GLOB, e.g. '2024-*/*.jpg'")
+    backfill.add_argument("--rate", type=per_second, metavar="N/s",
+                          help="enqueue at most N images per second")
+    backfill.add_argument("--total", type=positive, metavar="OBJECTS",
+                          help="objects expected under the prefix, for the progress ETA")
+    backfill.set_defaults(run=cmd_backfill)
+
+
+def read_uris(args: argparse.Namespace) -> Iterator[str]:
+    yield from args.uris
+    if args.from_file:
+        handle: TextIO = sys.stdin if args.from_file == "-" else open(args.from_file)  # noqa: SIM115
+        with handle:
+            for line in handle:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    yield line.strip()
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app
+    from producer.enqueue import JobSender, enqueue_uris
+
+    settings = get_settings()
+    if not args.uris and not args.from_file:
+        raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
+    with JobSender(create_app(settings), args.queue) as sender:
+        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
+    print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from captioning.broker import create_app, redis_client
+    from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.storage import S3Store
+    from captioning.uris import check_allowed, parse_prefix
+    from producer.backfill import Filters, Pacing, backfill
+    from producer.enqueue import JobSender
+    from producer.pacing import QueueGate, RateLimiter
+    from producer.progress import Progress
+
+    settings = get_settings()
+    source = parse_prefix(args.prefix)
+    if source.scheme != "s3":
+        raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
+    check_allowed(source, settings)
+    name = args.name or args.prefix
+    broker = redis_client(settings.broker_url)
+    checkpoints = Checkpoints(broker)
+    checkpoint = Checkpoint(name=name, source=args.prefix)
+    if args.resume:
+        saved = checkpoints.get(name)
+        if saved is not None and saved.source != args.prefix:
+            raise ConfigError(
+                f"backfill {name!r} was started for {saved.source}, not {args.prefix}: "
+                "pass the same prefix, or another --name"
+            )
+        if saved is not None:
+            log.info("resuming %s after key %r", name, saved.last_key)
+            checkpoint = saved
+            checkpoint.finished = False
+        else:
+            log.info("no checkpoint named %r: starting from the beginning", name)
+    results = ResultsStore(settings.database_url) if args.skip_existing else None
+    pacing = Pacing(rate=RateLimiter(args.rate) if args.rate else None)
+    if args.max_queue_depth > 0:
+        pacing.gate = QueueGate(
+            broker, args.queue, max_images=args.max_queue_depth, images_per_job=args.batch_size
+        )
+    progress = Progress(checkpoint, total=args.total)
+    paused = lambda: pacing.gate.paused_s if pacing.gate else 0.0  # noqa: E731
+
+    def run(sender: JobSender | None) -> Checkpoint:
+        return backfill(
+            source, list_pages=S3Store(settings).list, results=results, sender=sender,
+            settings=settings, batch_size=args.batch_size, checkpoint=checkpoint,
+            checkpoints=checkpoints, pacing=pacing, limit=args.limit,
+            filters=Filters(prefix=source.key, since=args.since, match=args.match),
+            on_progress=lambda cp: progress.update(cp, paused()),
+        )
+
+    try:
+        if args.dry_run:
+            report = run(None)
+        else:
+            with JobSender(create_app(settings), args.queue) as sender:
+                report = run(sender)
+    finally:
+        progress.close(checkpoint, paused())
+    verb = "would enqueue" if args.dry_run else "enqueued"
+    print(
+        f"listed {report.listed} objects, {report.images} images; skipped {report.skipped} "
+        f"already captioned; {verb} {report.enqueued} images in {report.jobs} jobs"
+    )
+    if not report.finished:
+        print(f"stopped before the end: continue with --resume (checkpoint {name!r})")
+    return 0
