@@ -26,3 +26,7 @@ def per_second(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive rate such as 500/s")
     return value
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())

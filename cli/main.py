@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from captioning.errors import CaptionerError
-from cli import db, demo, jobs, listen, ops, results, worker
+from cli import db, demo, export, jobs, listen, ops, results, worker
 
-COMMAND_GROUPS = (jobs, listen, worker, ops, results, db, demo)
+COMMAND_GROUPS = (jobs, listen, worker, ops, results, export, db, demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

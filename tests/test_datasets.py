@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -26,6 +28,7 @@ from captioning.parquet import ROW_SCHEMA, job_object_key, model_dir
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from captioning.storage import S3Store
+from tests.conftest import settings_env
 from tests.imagefactory import encode, photo_bytes, sample_rgb
 from tests.services import SeaweedS3
 from workers.context import WorkerContext
@@ -238,3 +241,20 @@ def test_export_txt_writes_caption_files_beside_local_images_and_under_a_prefix(
     assert body.decode() == "caption 2, «quoted»"
     with pytest.raises(ConfigError, match="beside the images need local images"):
         export(results, Selection(prefix=f"s3://photos/{prefix}"), "txt", "", s3=store)
+
+
+def test_export_command_in_a_fresh_process(
+    results: ResultsStore, settings: Settings, prefix: str, tmp_path: Path
+) -> None:
+    rows = synthetic_rows(prefix, 12)
+    results.upsert(rows)
+    out = tmp_path / "ok.parquet"
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "export", "--format", "parquet", "-o", str(out),
+         "--prefix", f"s3://photos/{prefix}", "--status", "ok", "--model", "m1"],
+        env=settings_env(settings), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = sorted(r.uri for r in rows if r.status == "ok" and r.model == "m1")
+    assert f"exported {len(expected)} rows" in done.stdout
+    assert pq.read_table(out).column("uri").to_pylist() == expected

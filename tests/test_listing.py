@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ from producer.backfill import Filters
 from producer.inventory import parse_manifest, read_manifest
 from producer.keys import s3_location
 from producer.listing import backfill_parts, inventory_parts, prefetched, prefix_parts
+from tests.conftest import settings_env
 
 
 @pytest.fixture
@@ -188,3 +191,39 @@ def test_a_file_that_is_not_a_manifest_is_a_config_error() -> None:
         parse_manifest(where, json.dumps({
             "sourceBucket": "s", "destinationBucket": "d", "fileFormat": "ORC", "files": [],
         }).encode())
+
+
+def captioner(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], env=settings_env(settings),
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_backfill_cli_reads_an_inventory_and_lists_parts_in_parallel(
+    settings: Settings, s3, prefix: str
+) -> None:
+    base, _ = upload_inventory(s3, prefix, "photos")
+    manifest = f"s3://uploads/{base}/manifest.json"
+    done = captioner(settings, "backfill", "--inventory", manifest, f"s3://photos/{prefix}",
+                     "--dry-run", "--list-workers", "2", "--no-skip-existing")
+    assert done.returncode == 0, done.stderr
+    # the CSV file: 5 images, old.jpg and readme.txt (the delete marker is not listed)
+    assert "listed 7 objects, 6 images" in done.stdout
+    assert "would enqueue 6 images" in done.stdout
+
+    for d in ("x", "y"):
+        for n in range(3):
+            s3.put_object(Bucket="photos", Key=f"{prefix}tree/{d}/{n}.jpg", Body=b"x")
+    tree = f"s3://photos/{prefix}tree/"
+    split = captioner(settings, "backfill", tree, "--dry-run", "--list-workers", "2",
+                      "--no-skip-existing", "--match", "y/*")
+    assert "listed 6 objects, 3 images" in split.stdout, split.stderr
+    given = captioner(settings, "backfill", tree, "--dry-run", "--split", "x/",
+                      "--no-skip-existing")
+    assert "listed 3 objects, 3 images" in given.stdout, given.stderr
+
+    refused = captioner(settings, "backfill", tree, "--list-workers", "2", "--limit", "3")
+    assert refused.returncode == 2 and "--limit works on one listing stream" in refused.stderr
+    other = captioner(settings, "backfill", "--inventory", manifest, "s3://uploads/x/")
+    assert other.returncode == 2 and "the inventory lists bucket 'photos'" in other.stderr
