@@ -46,7 +46,11 @@ class CaptionJob(BaseModel):
     def to_message(self) -> dict[str, object]:
         """The compact wire form (captioning/wire.py); `from_message` reads both forms."""
         fields = self.model_dump(mode="json", exclude={"items"})
-        return compact(fields, [item.model_dump(mode="json") for item in self.items])
+        items = [
+            {"uri": item.uri, "etag": item.etag, "version_id": item.version_id}
+            for item in self.items
+        ]  # attribute reads: a model_dump per item would be a fifth of a 32-image send
+        return compact(fields, items)
 
     @classmethod
     def from_message(cls, payload: object) -> CaptionJob:

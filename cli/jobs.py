@@ -79,12 +79,12 @@ def read_uris(args: argparse.Namespace) -> Iterator[str]:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
-    from producer.enqueue import JobSender, enqueue_uris
+    from producer.enqueue import PUBLISH_BATCH, JobSender, enqueue_uris
 
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
-    with JobSender(create_app(settings), args.queue) as sender:
+    with JobSender(create_app(settings), args.queue, batch=PUBLISH_BATCH) as sender:
         enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
@@ -96,7 +96,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
     from producer.backfill import Filters, Pacing, backfill
-    from producer.enqueue import JobSender
+    from producer.enqueue import PUBLISH_BATCH, JobSender
     from producer.listing import pipelined
     from producer.pacing import QueueGate, RateLimiter
     from producer.progress import Progress
@@ -147,7 +147,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         elif args.dry_run:
             report = run(None)
         else:
-            with JobSender(create_app(settings), args.queue) as sender:
+            with JobSender(create_app(settings), args.queue, batch=PUBLISH_BATCH) as sender:
                 report = run(sender)
     finally:
         progress.close(checkpoint, paused())

@@ -2,8 +2,11 @@
 
 Each page of up to 1,000 keys costs one listing call and one database query (not one per
 key), and jobs are sent while listing goes on, so memory stays flat for any bucket size.
-Sends pause while the bulk queue is deep (QueueGate), and after every job the checkpoint
-records the last key it covers, so `--resume` re-sends at most the one job in flight.
+Sends pause while the bulk queue is deep (QueueGate). The checkpoint records the last key
+sent: after every job, so `--resume` re-sends at most the one job in flight; or, when the
+sender batches its Redis writes, after every page once the page's jobs are flushed, so an
+interruption loses the unflushed jobs with the checkpoint that would have covered them and
+`--resume` sends them again (re-sending a page only if it dies between flush and save).
 """
 
 from __future__ import annotations
@@ -126,8 +129,15 @@ def backfill(
         checkpoint.jobs += 1
         checkpoint.enqueued += len(items)
         checkpoint.last_key = last_key
-        if checkpoints is not None and sender is not None:
-            checkpoints.save(checkpoint)
+        if sender is not None and not sender.batching:
+            save()
+
+    def save() -> None:
+        """The jobs reach Redis first: a checkpoint never vouches for jobs still in a batch."""
+        if sender is not None:
+            sender.flush()
+            if checkpoints is not None:
+                checkpoints.save(checkpoint)
 
     exhausted = True
     for page in _pages(list_pages, source, checkpoint.last_key):
@@ -146,6 +156,7 @@ def backfill(
                 buffer = []
         if not buffer and not truncated:
             checkpoint.last_key = page[-1].key  # the whole page is queued or skipped
+        save()
         on_progress(checkpoint)
         if room is not None and room <= len(items):
             exhausted = False
@@ -153,8 +164,7 @@ def backfill(
     if buffer:
         send(buffer, buffer[-1].uri[bucket_uri_length:])
     checkpoint.finished = exhausted
-    if checkpoints is not None and sender is not None:
-        checkpoints.save(checkpoint)
+    save()
     on_progress(checkpoint)
     return checkpoint
 

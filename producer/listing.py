@@ -23,7 +23,7 @@ from captioning.checkpoints import Checkpoint, Checkpoints
 from captioning.storage import ListedObject, S3Store
 from captioning.uris import ImageLocation
 from producer.backfill import Lister, backfill
-from producer.enqueue import JobSender
+from producer.enqueue import PUBLISH_BATCH, JobSender
 from producer.inventory import Manifest, file_pages
 from producer.keys import s3_location
 
@@ -165,7 +165,7 @@ def backfill_parts(
 
         if app is None:
             return run(None)
-        with JobSender(app, queue_name) as sender:
+        with JobSender(app, queue_name, batch=PUBLISH_BATCH) as sender:
             return run(sender)
 
     for done in run_parts(parts, run_one, checkpoints=checkpoints, name=name, source=source,
