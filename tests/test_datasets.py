@@ -20,6 +20,7 @@ import pytest
 from pyarrow.fs import S3FileSystem
 from sqlalchemy import create_engine, inspect, text
 
+from bench.cost import Prices, Workload, cost
 from captioning import metrics
 from captioning.errors import ConfigError
 from captioning.exporting import Selection, count, export
@@ -258,3 +259,16 @@ def test_export_command_in_a_fresh_process(
     expected = sorted(r.uri for r in rows if r.status == "ok" and r.model == "m1")
     assert f"exported {len(expected)} rows" in done.stdout
     assert pq.read_table(out).column("uri").to_pylist() == expected
+
+
+def test_cost_model_counts_a_put_per_image_for_sidecars_and_per_job_for_parquet() -> None:
+    work = Workload(images=1_000_000, images_per_second=300, images_per_job=32,
+                    redis_bytes_per_image=94, listed=True)
+    sidecar, parquet = cost(work, "sidecar"), cost(work, "parquet")
+    assert (sidecar.puts, parquet.puts) == (1_000_000, 31_250)
+    assert sidecar.lists == parquet.lists == 1000 and sidecar.gets == 1_000_000
+    assert cost(replace(work, listed=False), "parquet").lists == 0
+    prices = Prices(gpu_hour=3.0, put_per_1000=0.005, list_per_1000=0.005, get_per_1000=0.0004)
+    assert sidecar.dollars(prices)["PUT"] == pytest.approx(5.0)
+    assert sidecar.dollars(prices)["GPU"] == pytest.approx(1_000_000 / 300 / 3600 * 3.0)
+    assert parquet.output_bytes < sidecar.output_bytes
