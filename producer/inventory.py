@@ -82,19 +82,18 @@ def file_pages(
 ) -> Iterator[list[ListedObject]]:
     """One inventory data file as pages of objects under `prefix`, after `start_after`."""
     if manifest.file_format == "CSV":
-        records = _csv_records(store, manifest.columns, data_file)
+        objects = _csv_objects(store, manifest.columns, data_file)
     else:
-        records = _parquet_records(store, data_file)
+        objects = _parquet_objects(store, data_file)
     page: list[ListedObject] = []
     waiting = bool(start_after)
-    for record in records:
-        key = record["key"]
+    for obj in objects:
         if waiting:
-            waiting = key != start_after
+            waiting = obj.key != start_after
             continue
-        if not key.startswith(prefix) or _is_hidden_version(record):
+        if not obj.key.startswith(prefix):
             continue
-        page.append(_listed(record))
+        page.append(obj)
         if len(page) == PAGE_SIZE:
             yield page
             page = []
@@ -102,19 +101,30 @@ def file_pages(
         yield page
 
 
-def _csv_records(
+def _csv_objects(
     store: S3Store, columns: tuple[str, ...], data_file: ImageLocation
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[ListedObject]:
+    """The current, non-deleted objects of a CSV file, read as a stream (gunzipped)."""
+    at = {name: i for i, name in enumerate(columns) if name}
+    key, etag, size, modified = (at.get(n) for n in ("key", "etag", "size", "last_modified"))
+    latest, deleted = at.get("is_latest"), at.get("is_delete_marker")
     body = store.client.get_object(Bucket=data_file.bucket, Key=data_file.key)["Body"]
     raw: Any = gzip.GzipFile(fileobj=body) if data_file.key.endswith(".gz") else body
     with io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
         for row in csv.reader(text):
-            record = {name: value for name, value in zip(columns, row, strict=False) if name}
-            record["key"] = unquote(record["key"])
-            yield record
+            if (deleted is not None and row[deleted] == "true") or (
+                latest is not None and row[latest] == "false"
+            ):
+                continue
+            yield ListedObject(
+                key=unquote(row[key]),  # type: ignore[index]
+                etag=row[etag].strip('"') if etag is not None else "",
+                size=int(row[size] or 0) if size is not None else 0,
+                last_modified=_moment(row[modified]) if modified is not None else EPOCH,
+            )
 
 
-def _parquet_records(store: S3Store, data_file: ImageLocation) -> Iterator[dict[str, Any]]:
+def _parquet_objects(store: S3Store, data_file: ImageLocation) -> Iterator[ListedObject]:
     """Parquet needs random access: the file is spooled to local disk, then read by batches."""
     with tempfile.TemporaryFile() as spool:
         store.client.download_fileobj(data_file.bucket, data_file.key, spool)
@@ -122,28 +132,25 @@ def _parquet_records(store: S3Store, data_file: ImageLocation) -> Iterator[dict[
         parquet = pq.ParquetFile(spool)
         present = [name for name in PARQUET_COLUMNS if name in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=PAGE_SIZE, columns=present):
-            for row in batch.to_pylist():
-                yield {PARQUET_COLUMNS[name]: value for name, value in row.items()}
+            values = {PARQUET_COLUMNS[name]: batch.column(name).to_pylist() for name in present}
+            count = batch.num_rows
+            nothing = [None] * count
+            for key, etag, size, modified, latest, deleted in zip(
+                values["key"], *(values.get(name, nothing) for name in (
+                    "etag", "size", "last_modified", "is_latest", "is_delete_marker")),
+                strict=True,
+            ):
+                if deleted is True or latest is False:
+                    continue
+                yield ListedObject(
+                    key=key, etag=(etag or "").strip('"'), size=size or 0,
+                    last_modified=_moment(modified) if modified is not None else EPOCH,
+                )
 
 
-def _is_hidden_version(record: dict[str, Any]) -> bool:
-    return _true(record.get("is_delete_marker")) or record.get("is_latest") in (False, "false")
-
-
-def _true(value: object) -> bool:
-    return value is True or value == "true"
-
-
-def _listed(record: dict[str, Any]) -> ListedObject:
-    modified = record.get("last_modified")
-    if isinstance(modified, str) and modified:
-        modified = datetime.fromisoformat(modified.replace("Z", "+00:00"))
-    elif isinstance(modified, datetime) and modified.tzinfo is None:
-        modified = modified.replace(tzinfo=UTC)
-    size = record.get("size")
-    return ListedObject(
-        key=record["key"],
-        etag=str(record.get("etag") or "").strip('"'),
-        size=int(size) if size not in (None, "") else 0,
-        last_modified=modified if isinstance(modified, datetime) else EPOCH,
-    )
+def _moment(value: str | datetime) -> datetime:
+    """A timestamp as an aware datetime; an empty CSV cell is the epoch."""
+    if not value:
+        return EPOCH
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
