@@ -264,8 +264,10 @@ def cmd_inventory(args: argparse.Namespace) -> None:
         store = S3Store(settings)
         flush = redis.Redis.from_url(broker.url).flushdb
         manifest = read_manifest(store, parse_prefix(manifest_uri))
+        memory = redis.Redis.from_url(broker.url).info
         for workers, skip in ((1, False), (args.files, False), (args.files, True)):
             flush()
+            base = int(memory("memory")["used_memory"])
             started = time.perf_counter()
             report = backfill_parts(
                 inventory_parts(store, manifest, ""), app=create_app(settings),
@@ -275,17 +277,22 @@ def cmd_inventory(args: argparse.Namespace) -> None:
                 batch_size=32, filters=Filters(),
             )
             seconds = time.perf_counter() - started
+            queued = (int(memory("memory")["used_memory"]) - base) / report.enqueued
             rows.append((f"--list-workers {workers}, skip-existing {'on' if skip else 'off'}",
-                         "in-process", report.enqueued, seconds, report.enqueued / seconds))
+                         "in-process", report.enqueued, seconds, report.enqueued / seconds,
+                         queued))
         for skip in ("--no-skip-existing", "--skip-existing"):
             flush()
+            base = int(memory("memory")["used_memory"])
             seconds, _ = cli(settings, "backfill", "--inventory", manifest_uri,
                                 "--list-workers", str(args.files), "--max-queue-depth", "0",
                                 skip)
             rows.append((f"CLI --list-workers {args.files} {skip}", "CLI, fresh process",
-                         args.keys, seconds, args.keys / seconds))
+                         args.keys, seconds, args.keys / seconds,
+                         (int(memory("memory")["used_memory"]) - base) / args.keys))
     table(f"S3 Inventory backfill, {args.keys:,} keys in {args.files} CSV.gz files "
-          "(SeaweedFS, private Redis, PostgreSQL)", ("path", "how", "URIs", "s", "URIs/s"), rows)
+          "(SeaweedFS, private Redis, PostgreSQL)",
+          ("path", "how", "URIs", "s", "URIs/s", "Redis B/image (with ETags)"), rows)
 
 
 # -- enqueue ----------------------------------------------------------------------------------
