@@ -43,7 +43,7 @@ from captioning.settings import Settings
 from captioning.storage import S3Store, Stores
 from captioning.uris import parse_prefix
 from producer.backfill import Filters, backfill
-from producer.enqueue import JobSender
+from producer.enqueue import PUBLISH_BATCH, JobSender
 from producer.inventory import read_manifest
 from producer.listing import backfill_parts, inventory_parts, pipelined, prefix_parts
 from tests.services import SeaweedS3
@@ -173,9 +173,10 @@ def cmd_listing(args: argparse.Namespace) -> None:
         def raw() -> int:
             return sum(len(page) for page in store.list("bench", "p/"))
 
-        def one_stream(lister: Callable[..., Iterator[list]]) -> Callable[[], int]:  # type: ignore[type-arg]
+        def one_stream(lister: Callable[..., Iterator[list]], batch: int  # type: ignore[type-arg]
+                       ) -> Callable[[], int]:
             def go() -> int:
-                with JobSender(create_app(settings), BULK_QUEUE) as sender:
+                with JobSender(create_app(settings), BULK_QUEUE, batch=batch) as sender:
                     return backfill(
                         source, list_pages=lister, results=results, sender=sender,
                         settings=settings, batch_size=32, filters=Filters(prefix="p/"),
@@ -196,8 +197,10 @@ def cmd_listing(args: argparse.Namespace) -> None:
 
         cases = [
             ("raw single-stream listing (ListObjectsV2 pages)", "in-process", raw),
-            ("backfill, unpipelined (before)", "in-process", one_stream(store.list)),
-            ("backfill, pipelined", "in-process", one_stream(pipelined(store.list))),
+            ("backfill, page by page, a round trip per job (before)", "in-process",
+             one_stream(store.list, 0)),
+            ("backfill, pipelined listing and Redis writes", "in-process",
+             one_stream(pipelined(store.list), PUBLISH_BATCH)),
             ("backfill --list-workers 1 (8 sub-prefixes)", "in-process", parts(1)),
             ("backfill --list-workers 4 (8 sub-prefixes)", "in-process", parts(4)),
         ]
@@ -404,7 +407,7 @@ def main() -> None:
     commands = parser.add_subparsers(required=True)
     listing = commands.add_parser("listing")
     listing.add_argument("--objects", type=int, default=10_000)
-    listing.add_argument("--rounds", type=int, default=2)
+    listing.add_argument("--rounds", type=int, default=3)
     listing.set_defaults(run=cmd_listing)
     inventory = commands.add_parser("inventory")
     inventory.add_argument("--keys", type=int, default=1_000_000)
