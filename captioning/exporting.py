@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -85,59 +85,43 @@ def export(
 ) -> int:
     """Write the selected rows to `output` (a path, or s3://bucket/key; for txt a folder, an
     s3:// prefix, or '' for beside each local image). Returns the rows written."""
-    rows = chunks(store, selection)
     if fmt == "txt":
-        return write_caption_files(rows, output, selection.prefix or "", s3, on_rows)
+        return write_caption_files(chunks(store, selection), output, selection.prefix or "",
+                                   s3, on_rows)
     if not output:
         raise ConfigError(f"--format {fmt} needs --output PATH or s3://bucket/key")
     target = destination(output)
+    rows = Tally(chunks(store, selection), on_rows)
     if target.scheme == "file":
         with open(target.key, "wb") as sink:
-            return WRITERS[fmt](rows, sink, on_rows)
+            WRITERS[fmt](rows, sink)
+        return rows.count
     with tempfile.TemporaryFile() as spool:
-        written = WRITERS[fmt](rows, spool, on_rows)
+        WRITERS[fmt](rows, spool)
         spool.seek(0)
         s3().client.upload_fileobj(spool, target.bucket, target.key)
-    return written
+    return rows.count
 
 
-def write_parquet(
-    rows: Iterator[list[CaptionRow]], sink: IO[bytes], on_rows: Callable[[int], None]
-) -> int:
-    written = 0
+def write_parquet(rows: Iterable[list[CaptionRow]], sink: IO[bytes]) -> None:
     with pq.ParquetWriter(sink, ROW_SCHEMA, compression="zstd") as writer:
         for chunk in rows:
             writer.write_table(rows_table(chunk), row_group_size=len(chunk))
-            written += len(chunk)
-            on_rows(len(chunk))
-    return written
 
 
-def write_jsonl(
-    rows: Iterator[list[CaptionRow]], sink: IO[bytes], on_rows: Callable[[int], None]
-) -> int:
-    written = 0
+def write_jsonl(rows: Iterable[list[CaptionRow]], sink: IO[bytes]) -> None:
     for chunk in rows:
         lines = (json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in chunk)
         sink.write("".join(lines).encode())
-        written += len(chunk)
-        on_rows(len(chunk))
-    return written
 
 
-def write_csv(
-    rows: Iterator[list[CaptionRow]], sink: IO[bytes], on_rows: Callable[[int], None]
-) -> int:
-    written = 0
+def write_csv(rows: Iterable[list[CaptionRow]], sink: IO[bytes]) -> None:
     text = io.TextIOWrapper(sink, encoding="utf-8", newline="", write_through=True)
     out = csv.DictWriter(text, fieldnames=ROW_FIELDS)
     out.writeheader()
     for chunk in rows:
         out.writerows(row.to_json() for row in chunk)
-        written += len(chunk)
-        on_rows(len(chunk))
     text.detach()
-    return written
 
 
 def destination(output: str) -> ImageLocation:
@@ -149,6 +133,21 @@ def destination(output: str) -> ImageLocation:
 
 
 WRITERS = {"parquet": write_parquet, "jsonl": write_jsonl, "csv": write_csv}
+
+
+class Tally:
+    """Counts the rows of the chunks passing through, reporting each chunk to `on_rows`."""
+
+    def __init__(self, rows: Iterable[list[CaptionRow]], on_rows: Callable[[int], None]) -> None:
+        self._rows = rows
+        self._on_rows = on_rows
+        self.count = 0
+
+    def __iter__(self) -> Iterator[list[CaptionRow]]:
+        for chunk in self._rows:
+            yield chunk
+            self.count += len(chunk)
+            self._on_rows(len(chunk))
 
 
 def caption_name(row: CaptionRow, strip: str) -> str:
