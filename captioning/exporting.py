@@ -71,7 +71,7 @@ def chunks(
             query.order_by(captions.c.uri)
         )
         for partition in result.partitions(size):
-            yield [CaptionRow(**row._mapping) for row in partition]
+            yield [CaptionRow(*row) for row in partition]  # selected in field order
 
 
 def export(

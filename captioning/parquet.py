@@ -14,7 +14,7 @@ import hashlib
 import io
 import re
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Literal, Union, get_args, get_origin, get_type_hints
@@ -53,11 +53,8 @@ def row_schema() -> pa.Schema:
 ROW_SCHEMA = row_schema()
 
 
-def rows_table(rows: Iterable[CaptionRow]) -> pa.Table:
-    columns: dict[str, list[object]] = {name: [] for name in ROW_SCHEMA.names}
-    for row in rows:
-        for name, values in columns.items():
-            values.append(getattr(row, name))
+def rows_table(rows: Sequence[CaptionRow]) -> pa.Table:
+    columns = {name: [getattr(row, name) for row in rows] for name in ROW_SCHEMA.names}
     return pa.table(columns, schema=ROW_SCHEMA)
 
 
