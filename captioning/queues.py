@@ -4,6 +4,9 @@ Celery on Redis keeps each queue as a list (LPUSH, BRPOP: the oldest message is 
 right end) and reserved-but-unacked messages in the `unacked` hash. Images per queue are
 counted exactly over a sample of messages from both ends and scaled to the list length, so
 a scrape costs the same for ten jobs as for a million.
+
+The envelope and unacked-entry layouts read here are kombu's private format, which is why
+pyproject.toml pins kombu to one minor version.
 """
 
 from __future__ import annotations

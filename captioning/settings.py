@@ -74,6 +74,9 @@ class Settings(BaseSettings):
 
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     webhook_secret: SecretStr | None = None
+    # How long the webhook waits on a silent client (request line, headers, body, or idle
+    # keep-alive) before closing its connection and freeing the thread serving it.
+    webhook_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("allowed_buckets", "allowed_roots", mode="before")
     @classmethod

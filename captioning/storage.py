@@ -74,20 +74,31 @@ def file_etag(stat: os.stat_result) -> str:
     return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
 
+#: Image reads make one attempt each: workers/fetch.py is their only retry layer. With
+#: botocore's retries nested inside it, an outage cost 3 x 4 GETs per image per job attempt.
+READ_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
+#: Listings and sidecar PUTs have no retry loop of their own: botocore's standard mode
+#: retries throttling, 5xx and connection errors, 3 attempts in all.
+OTHER_RETRIES = {"total_max_attempts": 3, "mode": "standard"}
+
+
 class S3Store:
-    """boto3 S3 client with pooled connections sized for many GETs in flight."""
+    """boto3 S3 clients: one for image reads, pooled for many GETs in flight and never
+    retried here, and one for listings and sidecar writes, retried by botocore."""
 
     def __init__(self, settings: Settings) -> None:
-        config = Config(
-            retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=max(10, settings.fetch_concurrency * 2),
-            connect_timeout=5,
-            read_timeout=30,
-            s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
-        )
-        self.client: Any = boto3.client(
-            "s3", endpoint_url=settings.s3_endpoint_url, config=config
-        )
+        def client(retries: dict[str, Any], pool: int) -> Any:
+            config = Config(
+                retries=retries,
+                max_pool_connections=pool,
+                connect_timeout=5,
+                read_timeout=30,
+                s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+            )
+            return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+        self._reads = client(READ_RETRIES, max(10, settings.fetch_concurrency * 2))
+        self._others = client(OTHER_RETRIES, 10)
 
     def get(
         self, location: ImageLocation, *, max_bytes: int, version_id: str | None = None
@@ -101,7 +112,7 @@ class S3Store:
             params["VersionId"] = version_id
         with _s3_errors(location.uri):
             try:
-                response = self.client.get_object(**params)
+                response = self._reads.get_object(**params)
             except ClientError as exc:
                 if _error_code(exc) != "InvalidRange":
                     raise
@@ -124,14 +135,14 @@ class S3Store:
         params = {"Bucket": location.bucket, "Key": location.key}
         if version_id:
             params["VersionId"] = version_id
-        head = self.client.head_object(**params)
+        head = self._reads.head_object(**params)
         return StoredObject(
             data=b"", etag=clean_etag(head.get("ETag")), version_id=head.get("VersionId")
         )
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         with _s3_errors(f"s3://{bucket}/{key}"):
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+            self._others.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
     def list(
         self, bucket: str, prefix: str, start_after: str = "", delimiter: str = ""
@@ -143,7 +154,7 @@ class S3Store:
             params["Delimiter"] = delimiter
         if start_after:
             params["StartAfter"] = start_after
-        paginator = self.client.get_paginator("list_objects_v2")
+        paginator = self._others.get_paginator("list_objects_v2")
         with _s3_errors(f"s3://{bucket}/{prefix}"):
             for page in paginator.paginate(**params):
                 yield [

@@ -5,6 +5,8 @@ is not one (a stray LPUSH, a truncated write) raises there and stops the whole w
 ("Unrecoverable error"), dropping the job in hand until the visibility timeout. Here such an
 entry is logged and discarded, and the worker goes on. Envelopes that decode but carry a bad
 body (pickle, YAML, garbage) are already refused by Celery (`accept_content=["json"]`).
+
+`_brpop_read` is private to kombu, which is why pyproject.toml pins kombu to one minor.
 """
 
 from __future__ import annotations

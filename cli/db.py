@@ -10,7 +10,8 @@ from captioning.settings import get_settings
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     database = commands.add_parser("db", help="database schema")
-    database.add_argument("action", choices=("upgrade",))
+    database.add_argument("action", choices=("upgrade",),
+                          help="upgrade: create what the results schema lacks (safe to run again)")
     database.set_defaults(run=cmd_db)
 
 

@@ -15,7 +15,10 @@ from captioning.settings import Settings, get_settings
 from cli.arguments import comma_list, per_second, positive, since_date
 
 if TYPE_CHECKING:
+    import redis
+
     from captioning.checkpoints import Checkpoint, Checkpoints
+    from producer.backfill import Pacing
 
 log = logging.getLogger("captioner")
 
@@ -26,13 +29,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue = commands.add_parser("enqueue", help="send image URIs to the workers")
     enqueue.add_argument("uris", nargs="*", metavar="URI", help="s3://bucket/key or file:///path")
     enqueue.add_argument("--from-file", metavar="F", help="read URIs, one per line ('-' = stdin)")
-    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
+    enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
+                         help="queue to send to (default %(default)s, served first)")
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
     backfill.add_argument("prefix", metavar="s3://bucket/prefix", nargs="?",
-                          help="what to list (with --inventory: only keys under it)")
+                          help="list every image key under this prefix "
+                          "(with --inventory: only keys under it)")
     backfill.add_argument("--inventory", metavar="s3://…/manifest.json",
                           help="read the keys from an S3 Inventory report (CSV or Parquet)")
     backfill.add_argument("--list-workers", type=positive, default=1, metavar="N",
@@ -40,7 +45,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                           "prefix, the --split prefixes, or the inventory's files")
     backfill.add_argument("--split", type=comma_list, default=(), metavar="A/,B/,…",
                           help="list these sub-prefixes of the prefix as the parts")
-    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES)
+    backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
+                          help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
@@ -91,14 +97,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import create_app
     from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.connections import redis_client
     from captioning.storage import S3Store
     from captioning.uris import check_allowed, parse_prefix
-    from producer.backfill import Filters, Pacing, backfill
+    from producer.backfill import Filters, backfill
     from producer.enqueue import PUBLISH_BATCH, JobSender
     from producer.listing import pipelined
-    from producer.pacing import QueueGate, RateLimiter
     from producer.progress import Progress
 
     settings = get_settings()
@@ -119,11 +125,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.resume and not in_parts:
         checkpoint = resumed(checkpoints, checkpoint)
     results = ResultsStore(settings.database_url) if args.skip_existing else None
-    pacing = Pacing(rate=RateLimiter(args.rate) if args.rate else None)
-    if args.max_queue_depth > 0:
-        pacing.gate = QueueGate(
-            broker, args.queue, max_images=args.max_queue_depth, images_per_job=args.batch_size
-        )
+    pacing = backfill_pacing(args, broker)
     progress = Progress(checkpoint, total=args.total)
     paused = lambda: pacing.gate.paused_s if pacing.gate else 0.0  # noqa: E731
     options = {
@@ -159,6 +161,19 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if not report.finished:
         print(f"stopped before the end: continue with --resume (checkpoint {name!r})")
     return 0
+
+
+def backfill_pacing(args: argparse.Namespace, broker: redis.Redis) -> Pacing:
+    """The queue-depth gate and rate limit every part of a backfill shares."""
+    from producer.backfill import Pacing
+    from producer.pacing import QueueGate, RateLimiter
+
+    pacing = Pacing(rate=RateLimiter(args.rate) if args.rate else None)
+    if args.max_queue_depth > 0:
+        pacing.gate = QueueGate(
+            broker, args.queue, max_images=args.max_queue_depth, images_per_job=args.batch_size
+        )
+    return pacing
 
 
 def resumed(checkpoints: Checkpoints, fresh: Checkpoint) -> Checkpoint:

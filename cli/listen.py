@@ -25,15 +25,19 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     listen = commands.add_parser("listen", help="turn S3 upload events into realtime jobs")
     sources = listen.add_subparsers(required=True, metavar="SOURCE")
     sqs = sources.add_parser("sqs", help="long-poll an SQS queue fed by S3 event notifications")
-    sqs.add_argument("--queue-url", required=True, metavar="URL")
+    sqs.add_argument("--queue-url", required=True, metavar="URL",
+                     help="the SQS queue S3 sends its event notifications to")
     sqs.add_argument("--receivers", type=positive, default=2, help="parallel long polls")
     sqs.add_argument("--endpoint-url", help="SQS endpoint (default: AWS for the region)")
     webhook = sources.add_parser("webhook", help="HTTP endpoint for MinIO / Ceph RGW events")
-    webhook.add_argument("--host", default="0.0.0.0")
-    webhook.add_argument("--port", type=int, default=8080)
-    webhook.add_argument("--max-body-bytes", type=positive, default=1024 * 1024)
+    webhook.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    webhook.add_argument("--port", type=int, default=8080,
+                         help="port to listen on (default %(default)s)")
+    webhook.add_argument("--max-body-bytes", type=positive, default=1024 * 1024, metavar="BYTES",
+                         help="refuse larger event bodies with 413 (default 1 MiB)")
     for parser_ in (sqs, webhook):
-        parser_.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES)
+        parser_.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
+                             help="queue to send to (default %(default)s)")
         parser_.add_argument("--batch-size", type=positive, default=32, help="images per job")
         parser_.add_argument("--linger-ms", type=int, default=50,
                              help="wait this long for more events to fill a job (default 50)")
@@ -59,7 +63,8 @@ def cmd_listen_sqs(args: argparse.Namespace) -> int:
 def cmd_listen_webhook(args: argparse.Namespace) -> int:
     from producer.listeners import WebhookServer
 
-    secret = get_settings().webhook_secret
+    settings = get_settings()
+    secret = settings.webhook_secret
     if secret is None or not secret.get_secret_value():
         raise ConfigError(
             "set CAPTIONER_WEBHOOK_SECRET: senders must present it as "
@@ -68,7 +73,7 @@ def cmd_listen_webhook(args: argparse.Namespace) -> int:
     with event_batcher(args) as batcher:
         server = WebhookServer(
             (args.host, args.port), batcher, secret=secret.get_secret_value(),
-            max_body_bytes=args.max_body_bytes,
+            socket_timeout_s=settings.webhook_timeout_s, max_body_bytes=args.max_body_bytes,
         )
         stop_on_signals(lambda: threading.Thread(target=server.shutdown).start())
         log.info("webhook listening on %s:%d", args.host, server.server_address[1])
@@ -80,7 +85,8 @@ def cmd_listen_webhook(args: argparse.Namespace) -> int:
 @contextmanager
 def event_batcher(args: argparse.Namespace) -> Iterator[LingerBatcher]:
     """Sender, deduper and batcher for a listener; flushes what is waiting on the way out."""
-    from captioning.broker import create_app, redis_client
+    from captioning.broker import create_app
+    from captioning.connections import redis_client
     from producer.batcher import LingerBatcher
     from producer.dedupe import Deduper
     from producer.enqueue import JobSender

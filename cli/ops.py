@@ -14,25 +14,31 @@ from cli.arguments import positive
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     exporter = commands.add_parser("exporter", help="serve queue metrics for Prometheus")
-    exporter.add_argument("--port", type=int, default=9809)
+    exporter.add_argument("--port", type=int, default=9809,
+                          help="port of /metrics (default %(default)s)")
     exporter.set_defaults(run=cmd_exporter)
 
     health = commands.add_parser(
         "health", help="exit 0 if this host's worker is alive (--ready: and its model warmed)"
     )
-    health.add_argument("--ready", action="store_true")
+    health.add_argument("--ready", action="store_true",
+                        help="readiness: also require the model loaded and warmed")
     health.set_defaults(run=cmd_health)
 
     status = commands.add_parser(
         "status", help="queues, workers, throughput and backfill checkpoints"
     )
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--window", type=positive, default=5, metavar="MINUTES",
                         help="throughput over the last MINUTES (default 5)")
     status.set_defaults(run=cmd_status)
 
     dead = commands.add_parser("dead", help="inspect or replay dead-lettered jobs")
-    dead.add_argument("action", choices=("list", "requeue", "purge"))
+    dead.add_argument(
+        "action", choices=("list", "requeue", "purge"),
+        help="list: print letters as JSON lines; requeue: send valid jobs back to their "
+        "queue; purge: delete them all",
+    )
     dead.add_argument("--limit", type=positive, default=100, help="letters to list, oldest first")
     dead.set_defaults(run=cmd_dead)
 
@@ -51,9 +57,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     import redis
 
+    from captioning.connections import redis_client
     from captioning.health import is_healthy, read_health
 
-    client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=3)
+    # No retries: the probe has its own deadline (timeoutSeconds) and kubelet runs it again.
+    client = redis_client(get_settings().broker_url, retries=0, timeout_s=3)
     try:
         health = read_health(client, socket.gethostname())
     except redis.RedisError as exc:

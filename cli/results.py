@@ -16,10 +16,11 @@ from cli.arguments import positive
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     results = commands.add_parser("results", help="print caption rows")
-    results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+    results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table",
+                         help="output format (default %(default)s)")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
-    results.add_argument("--status", choices=("ok", "failed"))
-    results.add_argument("--limit", type=positive)
+    results.add_argument("--status", choices=("ok", "failed"), help="only rows with this status")
+    results.add_argument("--limit", type=positive, metavar="N", help="print at most N rows")
     results.set_defaults(run=cmd_results)
 
 

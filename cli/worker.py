@@ -19,7 +19,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--concurrency", type=positive, default=None,
                         help="threads pool: jobs held at once sharing one model (default "
                              "CAPTIONER_JOBS_IN_FLIGHT); prefork: model processes (default 1)")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", default="INFO",
+                        help="Celery's log level: DEBUG, INFO, WARNING or ERROR (default INFO)")
     worker.set_defaults(run=cmd_worker)
 
 

@@ -159,6 +159,8 @@ class WebhookServer(ThreadingHTTPServer):
 
     The shared secret is accepted as `Authorization: Bearer <secret>` (what MinIO's
     `auth_token` sends) or `X-Captioner-Secret: <secret>`. GET /healthz answers 200.
+    A client silent for `socket_timeout_s` (mid-request or idle on keep-alive) is dropped,
+    so slow or stalled clients cannot pin server threads for ever.
     """
 
     daemon_threads = True
@@ -169,6 +171,7 @@ class WebhookServer(ThreadingHTTPServer):
         batcher: LingerBatcher,
         *,
         secret: str,
+        socket_timeout_s: float,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if not secret:
@@ -177,6 +180,7 @@ class WebhookServer(ThreadingHTTPServer):
         self.batcher = batcher
         self.secret = secret.encode()
         self.max_body_bytes = max_body_bytes
+        self.socket_timeout_s = socket_timeout_s
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A sender hanging up on a keep-alive connection is routine, not a traceback."""
@@ -190,6 +194,12 @@ class WebhookServer(ThreadingHTTPServer):
 class WebhookHandler(BaseHTTPRequestHandler):
     server: WebhookServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies `timeout` to the socket; a read that times out ends
+        # the request and closes the connection (BaseHTTPRequestHandler.handle_one_request).
+        self.timeout = self.server.socket_timeout_s
+        super().setup()
 
     def do_GET(self) -> None:
         if self.path == "/healthz":

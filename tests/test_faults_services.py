@@ -20,12 +20,24 @@ import psycopg
 import pytest
 
 from captioning.broker import create_app
+from captioning.errors import StoreUnavailable
 from captioning.results import ResultsStore
 from captioning.settings import Settings
+from captioning.storage import StoredObject, Stores
+from captioning.uris import parse_uri
 from tests.conftest import ALLOWED_BUCKETS, settings_env
-from tests.faults import PrivatePostgres, RedisServer, Rig, one_row_each, put, worker_env
+from tests.faults import (
+    CountingProxy,
+    PrivatePostgres,
+    RedisServer,
+    Rig,
+    one_row_each,
+    put,
+    worker_env,
+)
 from tests.imagefactory import photo_bytes
 from tests.services import SeaweedS3
+from workers.fetch import FETCH_ATTEMPTS, fetch_one
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -114,6 +126,31 @@ def test_object_store_outage_fails_no_image(store: SeaweedS3, rig: Rig, prefix: 
     assert "StoreUnavailable" in worker.log()  # the outage was met, and retried
     sidecars = s3.list_objects_v2(Bucket="uploads", Prefix=f"captions/photos/{prefix}")
     assert sidecars["KeyCount"] == len(uris)
+
+
+def test_an_object_store_outage_costs_one_retry_layer_of_gets(
+    settings: Settings, seaweed: SeaweedS3, s3, prefix: str
+) -> None:
+    """A GET is retried by workers/fetch.py alone (botocore's own retries used to multiply
+    it 3 times); listings, with no retry loop of their own, keep botocore's 3 attempts."""
+    uri = put(s3, prefix, {"a.png": photo_bytes()["coffee.png"]})[0]
+    proxy = CountingProxy(seaweed.s3_port)
+    stores = Stores(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"}))
+    location, cap = parse_uri(uri), settings.max_image_bytes
+    try:
+        assert isinstance(fetch_one(stores, location, max_bytes=cap, version_id=None), StoredObject)
+        with proxy.outage() as refused, pytest.raises(StoreUnavailable, match="SlowDown"):
+            fetch_one(stores, location, max_bytes=cap, version_id=None)
+        assert refused == {"GET": FETCH_ATTEMPTS}
+
+        with proxy.outage() as refused, pytest.raises(StoreUnavailable, match="SlowDown"):
+            list(stores.s3.list("photos", prefix))
+        assert refused == {"GET": FETCH_ATTEMPTS + 3}
+
+        fetched = fetch_one(stores, location, max_bytes=cap, version_id=None)
+        assert isinstance(fetched, StoredObject) and len(fetched.data) > 0  # back after the outage
+    finally:
+        proxy.close()
 
 
 def test_database_outage_holds_the_ack_until_written(

@@ -42,6 +42,7 @@ from tests.imagefactory import photo_bytes
 
 RowsUnder = Callable[..., list[CaptionRow]]
 SECRET = "s3cret-for-tests"
+WEBHOOK_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +158,10 @@ def webhook(settings: Settings, test_queue: str) -> Iterator[tuple[int, str]]:
     with JobSender(create_app(settings), test_queue) as sender:
         enqueuer = EventEnqueuer(sender, Deduper(client, ttl_s=60), settings, batch_size=8)
         batcher = LingerBatcher(enqueuer, batch_size=8, linger_s=0.2)
-        server = WebhookServer(("127.0.0.1", 0), batcher, secret=SECRET, max_body_bytes=4096)
+        server = WebhookServer(
+            ("127.0.0.1", 0), batcher, secret=SECRET, max_body_bytes=4096,
+            socket_timeout_s=WEBHOOK_TIMEOUT_S,
+        )
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         yield server.server_address[1], test_queue
@@ -205,6 +209,28 @@ def test_webhook_checks_the_secret_and_size_and_answers_after_the_enqueue(
     ]
     CaptionJob.from_message(jobs[0])
     assert post(port, event, {"X-Captioner-Secret": SECRET})[0] == 200  # a redelivery
+    assert len(queued_jobs(settings, queue)) == 1
+
+
+def test_webhook_drops_a_stalled_client_and_keeps_accepting_uploads(
+    settings: Settings, webhook: tuple[int, str], prefix: str
+) -> None:
+    port, queue = webhook
+    bearer = {"Authorization": f"Bearer {SECRET}"}
+    event = s3_event("uploads", f"{prefix}a.jpg", '"e1"').encode()
+    patience = WEBHOOK_TIMEOUT_S * 5  # a server that never drops them fails the recv below
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=patience) as stalled,
+        socket.create_connection(("127.0.0.1", port), timeout=patience) as idle,
+    ):
+        stalled.sendall(  # headers promising a body that never comes
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            + f"Authorization: Bearer {SECRET}\r\n\r\n".encode()
+        )
+        assert post(port, event, bearer) == (200, {"images": 1})  # others are served meanwhile
+        assert stalled.recv(100) == b""  # closed by the server, no answer
+        assert idle.recv(100) == b""  # a connection that never sent a byte goes too
+    assert post(port, event, bearer)[0] == 200  # a redelivery, still served
     assert len(queued_jobs(settings, queue)) == 1
 
 

@@ -1,5 +1,9 @@
 """Size-capped object GETs with per-object retries of transient errors (run many at once
-from the worker's I/O threads, see workers/pipeline.py)."""
+from the worker's I/O threads, see workers/pipeline.py).
+
+This is the only retry layer of a GET: botocore makes one attempt (captioning/storage.py),
+so an object store outage costs FETCH_ATTEMPTS GETs per image per job attempt.
+"""
 
 from __future__ import annotations
 
