@@ -99,7 +99,7 @@ def export(
     with tempfile.TemporaryFile() as spool:
         WRITERS[fmt](rows, spool)
         spool.seek(0)
-        s3().client.upload_fileobj(spool, target.bucket, target.key)
+        s3().upload(target.bucket, target.key, spool)
     return rows.count
 
 

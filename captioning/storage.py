@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import boto3
 from botocore.config import Config
@@ -167,7 +167,6 @@ class S3Store:
                     for obj in page.get("Contents", [])
                 ]
 
-
     def list_direct(
         self, bucket: str, prefix: str, start_after: str = ""
     ) -> Iterator[list[ListedObject]]:
@@ -175,7 +174,7 @@ class S3Store:
 
     def common_prefixes(self, bucket: str, prefix: str) -> tuple[list[str], bool]:
         """The sub-prefixes one `/` below `prefix`, and whether objects lie directly in it."""
-        paginator = self.client.get_paginator("list_objects_v2")
+        paginator = self._others.get_paginator("list_objects_v2")
         subs: list[str] = []
         direct = False
         with _s3_errors(f"s3://{bucket}/{prefix}"):
@@ -183,6 +182,21 @@ class S3Store:
                 subs += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
                 direct = direct or bool(page.get("Contents"))
         return subs, direct
+
+    def stream(self, bucket: str, key: str) -> Any:
+        """The body of a whole object as a readable stream (reports, manifests), not capped."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            return self._others.get_object(Bucket=bucket, Key=key)["Body"]
+
+    def download(self, bucket: str, key: str, sink: IO[bytes]) -> None:
+        """Copy an object into a file, in parallel ranged parts."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            self._others.download_fileobj(bucket, key, sink)
+
+    def upload(self, bucket: str, key: str, source: IO[bytes]) -> None:
+        """Store a file of any size as one object (multipart above 8 MiB)."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            self._others.upload_fileobj(source, bucket, key)
 
 
 class FileStore:

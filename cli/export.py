@@ -19,14 +19,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "export", help="write caption rows to a dataset file, or .txt caption files"
     )
     parser.add_argument("--format", choices=("parquet", "jsonl", "csv", "txt"),
-                        default="parquet")
+                        default="parquet",
+                        help="a dataset file, or txt: <image name>.txt per captioned image "
+                        "(default %(default)s)")
     parser.add_argument(
         "--output", "-o", default="", metavar="PATH|s3://bucket/key",
         help="file to write; for txt a folder or s3:// prefix (default: beside local images)",
     )
     parser.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
     parser.add_argument("--model", help="only rows of this model")
-    parser.add_argument("--status", choices=("ok", "failed"))
+    parser.add_argument("--status", choices=("ok", "failed"), help="only rows with this status")
     parser.add_argument("--since", type=since_date, metavar="DATE",
                         help="only rows finished at or after DATE (ISO 8601, UTC default)")
     parser.set_defaults(run=cmd_export)

@@ -73,8 +73,7 @@ def parse_manifest(location: ImageLocation, raw: bytes) -> Manifest:
 
 
 def read_manifest(store: S3Store, location: ImageLocation) -> Manifest:
-    body = store.client.get_object(Bucket=location.bucket, Key=location.key)["Body"]
-    return parse_manifest(location, body.read())
+    return parse_manifest(location, store.stream(location.bucket, location.key).read())
 
 
 def file_pages(
@@ -108,7 +107,7 @@ def _csv_objects(
     at = {name: i for i, name in enumerate(columns) if name}
     key, etag, size, modified = (at.get(n) for n in ("key", "etag", "size", "last_modified"))
     latest, deleted = at.get("is_latest"), at.get("is_delete_marker")
-    body = store.client.get_object(Bucket=data_file.bucket, Key=data_file.key)["Body"]
+    body = store.stream(data_file.bucket, data_file.key)
     raw: Any = gzip.GzipFile(fileobj=body) if data_file.key.endswith(".gz") else body
     with io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
         for row in csv.reader(text):
@@ -127,7 +126,7 @@ def _csv_objects(
 def _parquet_objects(store: S3Store, data_file: ImageLocation) -> Iterator[ListedObject]:
     """Parquet needs random access: the file is spooled to local disk, then read by batches."""
     with tempfile.TemporaryFile() as spool:
-        store.client.download_fileobj(data_file.bucket, data_file.key, spool)
+        store.download(data_file.bucket, data_file.key, spool)
         spool.seek(0)
         parquet = pq.ParquetFile(spool)
         present = [name for name in PARQUET_COLUMNS if name in parquet.schema_arrow.names]
