@@ -44,7 +44,7 @@ from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import allowed_location
 from workers.context import decode_threads
-from workers.pipeline import ItemState, Stages, caption_stream
+from workers.pipeline import ItemState, Stages, annotate_stream
 from workers.runtimes.blip2 import CaptionModel
 from workers.runtimes.tiny import tiny_tokenizer
 
@@ -231,10 +231,9 @@ def main() -> None:
         runtime.warm_up(settings)  # measures the micro-batch on CUDA
         io_pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="io")
         decode_pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
-        stages = Stages(
-            stores=Stores(settings), max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels, to_pixels=runtime.to_pixels,
-            target_size=runtime.image_size, io_pool=io_pool, decode_pool=decode_pool,
+        stages = Stages.for_runtimes(
+            {"caption": runtime}, stores=Stores(settings), settings=settings,
+            io_pool=io_pool, decode_pool=decode_pool,
         )
         uris = [(root / f"{i:05d}.jpg").as_uri() for i in range(len(files))]
 
@@ -243,11 +242,11 @@ def main() -> None:
                 ItemState(JobItem(uri=uri), location=allowed_location(uri, settings))
                 for uri in uris
             ]
-            caption_stream(
-                states, PROMPT, runtime, stages, nullcontext(),
+            annotate_stream(
+                states, PROMPT, {"caption": runtime}, stages, nullcontext(),
                 lookahead=max(2 * runtime.batch_size, settings.fetch_concurrency),
             )
-            return sum(state.caption is not None for state in states)
+            return sum("caption" in state.results for state in states)
 
         ips, _ = timed(device, model, args.images, ours, False)
         _, busy = timed(device, model, args.images, ours, True)

@@ -6,13 +6,18 @@ Producers only send with it; workers add the task and process hooks (workers/app
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
+from captioning.errors import BrokerUnavailable
 from captioning.keys import UNACKED_KEY
-from captioning.messages import BULK_QUEUE, TASK_NAME
+from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob
 from captioning.settings import Settings
 
 #: Publishing retries for ~1 minute (0.2 s, then +0.5 s per try up to 3 s), so a producer or
@@ -23,6 +28,18 @@ PUBLISH_RETRY_POLICY = {
     "interval_step": 0.5,
     "interval_max": 3.0,
 }
+
+#: One-shot commands (enqueue, backfill, dead requeue) give up after ~10 s of retries:
+#: long enough for a Redis restart, short enough that a wrong CAPTIONER_BROKER_URL is
+#: reported while the user is still looking.
+COMMAND_PUBLISH_RETRY_POLICY = {
+    "max_retries": 5,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 3.0,
+}
+#: ... and a Redis that accepts the connection but never answers is an error, not a hang.
+COMMAND_SOCKET_TIMEOUT_S = 5.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -96,8 +113,55 @@ def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-def create_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
+def create_app(
+    settings: Settings, *, include: tuple[str, ...] = (), one_shot: bool = False
+) -> Celery:
+    """`one_shot`: for a command that sends and exits, which gives up on Redis sooner."""
     app = Celery("captioner", broker=settings.broker_url, include=list(include))
     app.conf.update(celery_config(settings))
+    if one_shot:
+        app.conf.task_publish_retry_policy = COMMAND_PUBLISH_RETRY_POLICY
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "socket_timeout": COMMAND_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": COMMAND_SOCKET_TIMEOUT_S,
+        }
     return app
 
+
+@contextmanager
+def broker_errors() -> Iterator[None]:
+    """Redis and kombu connection errors, wherever a command meets them, as BrokerUnavailable."""
+    try:
+        yield
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(f"Redis refused our credentials ({exc})") from exc
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BrokerUnavailable(f"Redis unreachable ({reason})") from exc
+
+
+def send_job(
+    app: Celery,
+    job: CaptionJob,
+    queue: str,
+    *,
+    producer: Any = None,
+    task_id: str | None = None,
+    declare: bool = True,
+) -> None:
+    """Publish one CaptionJob. A short `argsrepr` spares Celery a saferepr of every item: a
+    third of the send time for a 32-image job, and ~250 bytes of each message in Redis.
+    `declare=False` skips declaring the queue, done once per sender: a copy and bind per
+    job cost a sixth of a send."""
+    app.send_task(
+        TASK_NAME,
+        args=[job.to_message()],
+        queue=queue,
+        producer=producer,
+        task_id=task_id,
+        ignore_result=True,
+        argsrepr=f"<{len(job.items)} images>",
+        kwargsrepr="{}",
+        **({} if declare else {"declare": []}),
+    )

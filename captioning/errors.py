@@ -10,13 +10,19 @@ CaptionerError
 │   ├── ObjectMissing       no object at that URI
 │   ├── AccessDenied        the object exists but our credentials may not read it
 │   ├── ModelMismatch       the job names another model than the worker serves
+│   ├── KindNotServed       the job asks for a kind no worker can be routed to
 │   ├── ImageTooLarge       more bytes than CAPTIONER_MAX_IMAGE_BYTES
 │   ├── TooManyPixels       more pixels than CAPTIONER_MAX_IMAGE_PIXELS (decompression bomb)
 │   ├── UndecodableImage    not an image, truncated or corrupt
 │   └── WorkerLost          its worker died on every delivery (crash, OOM, time limit)
 └── TransientError          the infrastructure failed; the job is retried with backoff
     ├── StoreUnavailable    object store timeout, 5xx or connection error
-    └── DatabaseUnavailable results database unreachable
+    │   └── StoreCredentialsError  no AWS credentials, or the store refused them
+    ├── DatabaseUnavailable results database unreachable
+    └── BrokerUnavailable   Redis unreachable, or it refused our password
+
+The `captioner` command turns each of these into one line on stderr and exit code 2
+(cli/main.py).
 """
 
 
@@ -68,6 +74,10 @@ class ModelMismatch(ImageError):
     pass
 
 
+class KindNotServed(ImageError):
+    pass
+
+
 class ImageTooLarge(ImageError):
     pass
 
@@ -92,5 +102,14 @@ class StoreUnavailable(TransientError):
     pass
 
 
+class StoreCredentialsError(StoreUnavailable):
+    """Transient for a worker (a rotated key or a refreshed role token fixes it); a user's
+    mistake for the command line."""
+
+
 class DatabaseUnavailable(TransientError):
+    pass
+
+
+class BrokerUnavailable(TransientError):
     pass

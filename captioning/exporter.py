@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
-from captioning.messages import WORK_QUEUES
+from captioning.messages import WAITING_QUEUES
 from captioning.queues import inflight_stats, queue_stats_for
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class QueueCollector(Collector):
             "Age of the oldest waiting job in each queue.",
             labels=["queue"],
         )
-        for queue in WORK_QUEUES:
+        for queue in WAITING_QUEUES:
             stats = queue_stats_for(self._client, queue)
             messages.add_metric([queue], stats.jobs)
             images.add_metric([queue], stats.images)

@@ -8,22 +8,50 @@ who can write to Redis can write a message.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from captioning.errors import InvalidJob
+from captioning.kinds import KINDS
 from captioning.wire import compact, expand
 
 TASK_NAME = "captioning.caption_batch"
 REALTIME_QUEUE = "captions.realtime"
 BULK_QUEUE = "captions.bulk"
 WORK_QUEUES = (REALTIME_QUEUE, BULK_QUEUE)
+#: Where a worker forwards the kinds of a job it does not serve; only workers serving the
+#: kind consume it (workers/routing.py).
+KIND_QUEUE = "captions.kind.{}"
 
 Source = Literal["backfill", "event", "cli"]
 
 MAX_ITEMS_PER_JOB = 1024
 MAX_PROMPT_CHARS = 1000
+MAX_KINDS = 8
+
+KindName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+def kind_queue(kind: str) -> str:
+    return KIND_QUEUE.format(kind)
+
+
+def is_kind_queue(queue: str) -> bool:
+    return queue.startswith(kind_queue(""))
+
+
+#: Every queue workers drain: what the exporter and `captioner status` report.
+WAITING_QUEUES = (*WORK_QUEUES, *(kind_queue(kind) for kind in KINDS))
 
 
 class JobItem(BaseModel):
@@ -35,17 +63,58 @@ class JobItem(BaseModel):
 
 
 class CaptionJob(BaseModel):
+    """Either `model` (a caption job, the original form) or `kinds` (kind -> model id).
+
+    Producers write the original form for caption-only jobs, so workers of the previous
+    release keep taking them during a rolling upgrade.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     items: tuple[JobItem, ...] = Field(min_length=1, max_length=MAX_ITEMS_PER_JOB)
-    model: str = Field(min_length=1, max_length=512)
+    model: ModelId | None = None
+    kinds: dict[KindName, ModelId] | None = Field(default=None, min_length=1, max_length=MAX_KINDS)
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     source: Source
     enqueued_at: float = Field(default_factory=time.time, ge=0)
 
+    @model_validator(mode="after")
+    def _one_form(self) -> CaptionJob:
+        if (self.model is None) == (self.kinds is None):
+            raise ValueError("give either model (a caption job) or kinds, not both or neither")
+        return self
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        items: tuple[JobItem, ...],
+        annotators: Mapping[str, str],
+        prompt: str,
+        source: Source,
+        enqueued_at: float | None = None,
+    ) -> CaptionJob:
+        """A job asking each kind of `annotators` of its model, in the oldest form that says it
+        (`enqueued_at` kept when a worker hands a job on)."""
+        when = {} if enqueued_at is None else {"enqueued_at": enqueued_at}
+        if set(annotators) == {"caption"}:
+            return cls(
+                items=items, model=annotators["caption"], prompt=prompt, source=source, **when
+            )
+        return cls(items=items, kinds=dict(annotators), prompt=prompt, source=source, **when)
+
+    @property
+    def annotators(self) -> dict[str, str]:
+        """kind -> model id; a job in the original form is a caption job."""
+        if self.kinds is not None:
+            return dict(self.kinds)
+        assert self.model is not None
+        return {"caption": self.model}
+
     def to_message(self) -> dict[str, object]:
         """The compact wire form (captioning/wire.py); `from_message` reads both forms."""
-        fields = self.model_dump(mode="json", exclude={"items"})
+        unused = {"kinds"} if self.kinds is None else {"model"}
+        fields = self.model_dump(mode="json", exclude={"items", *unused})
         items = [
             {"uri": item.uri, "etag": item.etag, "version_id": item.version_id}
             for item in self.items

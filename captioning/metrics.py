@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 STAGES = ("fetch", "decode", "generate", "write")
+#: The `kind` label of work done once for all the kinds of a job (fetch, decode, write).
+SHARED = "shared"
 
 # Seconds: GPU batches take 0.05-30 s; fetches and writes are usually sub-second.
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -17,10 +19,13 @@ END_TO_END_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 *
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 IMAGES = Counter(
-    "captioner_images_total", "Images finished, by final status and queue.", ["status", "queue"]
+    "captioner_images_total",
+    "Images finished, by final status, queue and kind (one per row: an image asked for two "
+    "kinds counts once for each).",
+    ["status", "queue", "kind"],
 )
 IMAGE_ERRORS = Counter(
-    "captioner_image_errors_total", "Failed images by error class.", ["reason"]
+    "captioner_image_errors_total", "Failed images by error class and kind.", ["reason", "kind"]
 )
 DEDUPED = Counter(
     "captioner_images_deduplicated_total",
@@ -32,18 +37,22 @@ JOBS = Counter(
     ["outcome", "queue"],
 )
 BATCH_SIZE = Histogram(
-    "captioner_batch_size_images", "Images per generate() micro-batch.", buckets=BATCH_BUCKETS
+    "captioner_batch_size_images",
+    "Images per model micro-batch, by kind.",
+    ["kind"],
+    buckets=BATCH_BUCKETS,
 )
 STAGE_SECONDS = Histogram(
     "captioner_stage_seconds",
-    "Seconds spent per stage of a job (fetch, decode, generate, write).",
-    ["stage"],
+    "Seconds spent per stage of a job (fetch, decode, generate, write), by kind "
+    "(`shared` for the stages every kind of a job shares).",
+    ["stage", "kind"],
     buckets=STAGE_BUCKETS,
 )
 END_TO_END_SECONDS = Histogram(
     "captioner_end_to_end_seconds",
-    "Seconds from enqueue to the image's row being written.",
-    ["queue"],
+    "Seconds from enqueue to the image's row being written, by queue and kind.",
+    ["queue", "kind"],
     buckets=END_TO_END_BUCKETS,
 )
 MODEL_LOADED = Gauge(

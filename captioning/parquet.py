@@ -38,11 +38,19 @@ def _arrow_field(name: str, hint: object) -> pa.Field:
     nullable = get_origin(hint) in (Union, types.UnionType) and type(None) in args
     if nullable:
         (hint,) = [arg for arg in args if arg is not type(None)]
+    return pa.field(name, _arrow_type(name, hint), nullable=nullable)
+
+
+def _arrow_type(name: str, hint: object) -> pa.DataType:
+    """Scalars by ARROW_TYPES, Literals by their values' type, dicts as Parquet maps."""
     if get_origin(hint) is Literal:
         hint = type(get_args(hint)[0])
+    if get_origin(hint) is dict:
+        key, value = get_args(hint)
+        return pa.map_(_arrow_type(name, key), _arrow_type(name, value))
     if hint not in ARROW_TYPES:
         raise TypeError(f"CaptionRow.{name}: no Parquet type for {hint!r}")
-    return pa.field(name, ARROW_TYPES[hint], nullable=nullable)  # type: ignore[index]
+    return ARROW_TYPES[hint]  # type: ignore[index]
 
 
 def row_schema() -> pa.Schema:

@@ -12,8 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from captioning.errors import ConfigError
+from captioning.kinds import parse_kinds
 
 MiB = 1024 * 1024
 JOB_FIXED_COST_S = 60
@@ -41,7 +44,14 @@ class Settings(BaseSettings):
     # Copy the caption of an image whose bytes were already captioned (same model and prompt).
     content_dedupe: bool = False
 
+    # What this deployment produces: workers load a model per kind, producers ask for these
+    # unless told otherwise (captioning/kinds.py).
+    kinds: Annotated[tuple[str, ...], NoDecode] = ("caption",)
     model: str = "Salesforce/blip2-opt-2.7b"
+    tagger_model: str = "SmilingWolf/wd-vit-tagger-v3"
+    tagger_batch_size: int = Field(default=32, ge=1, le=1024)
+    tags_general_threshold: float = Field(default=0.35, gt=0, le=1)
+    tags_character_threshold: float = Field(default=0.85, gt=0, le=1)
     device: str | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     batch_size: int = Field(default=16, ge=1, le=1024)
@@ -78,10 +88,18 @@ class Settings(BaseSettings):
     # keep-alive) before closing its connection and freeing the thread serving it.
     webhook_timeout_s: float = Field(default=30.0, gt=0)
 
-    @field_validator("allowed_buckets", "allowed_roots", mode="before")
+    @field_validator("allowed_buckets", "allowed_roots", "kinds", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return parse_kinds(kinds)
+        except ConfigError as exc:
+            raise ValueError(f"CAPTIONER_KINDS: {exc}") from exc
 
     @field_validator("allowed_roots")
     @classmethod
@@ -137,4 +155,19 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc)) from exc
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each bad variable, its value and what it must be."""
+    problems = []
+    for error in exc.errors():
+        name = "CAPTIONER_" + str(error["loc"][0]).upper() if error["loc"] else "a setting"
+        shown = isinstance(error.get("input"), str | int) and "secret" not in name.lower()
+        value = f"={error['input']!r}" if shown else ""
+        reason = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}{value}: {reason}")
+    return "; ".join(problems) + ": fix or unset it (README, Settings)"

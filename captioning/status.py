@@ -14,7 +14,7 @@ from captioning.broker import create_app
 from captioning.checkpoints import Checkpoint, Checkpoints
 from captioning.connections import redis_client
 from captioning.keys import UNACKED_KEY
-from captioning.messages import WORK_QUEUES
+from captioning.messages import WAITING_QUEUES
 from captioning.queues import QueueStats, queue_stats_for
 from captioning.results import ResultsStore, utcnow
 from captioning.settings import Settings
@@ -65,7 +65,7 @@ def collect_status(settings: Settings, *, window_s: int) -> StatusReport:
     try:
         recent = results.finished_since(utcnow() - timedelta(seconds=window_s))
         return StatusReport(
-            queues={queue: queue_stats_for(client, queue) for queue in WORK_QUEUES},
+            queues={queue: queue_stats_for(client, queue) for queue in WAITING_QUEUES},
             jobs_in_flight=int(client.hlen(UNACKED_KEY)),
             workers=online_workers(settings),
             totals=results.status_counts(),

@@ -20,13 +20,19 @@ from typing import IO, Any, Protocol
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from captioning.errors import (
     AccessDenied,
     CaptionerError,
     ImageTooLarge,
     ObjectMissing,
+    StoreCredentialsError,
     StoreUnavailable,
 )
 from captioning.settings import Settings
@@ -34,6 +40,14 @@ from captioning.uris import ImageLocation
 
 MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "404", "NotFound"}
 DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+REFUSED_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+    "TokenRefreshRequired", "AuthorizationHeaderMalformed",
+}
+CREDENTIALS_HELP = (
+    "give boto3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+    "or a role (IRSA)"
+)
 
 
 @dataclass(frozen=True)
@@ -288,12 +302,29 @@ def _s3_errors(what: str) -> Iterator[None]:
         raise
     except ClientError as exc:
         code = _error_code(exc)
+        if code == "NoSuchBucket":
+            bucket = what.removeprefix("s3://").split("/", 1)[0]
+            raise ObjectMissing(f"no such bucket ({code}): {bucket!r} does not exist") from exc
         if code in MISSING_CODES:
             raise ObjectMissing(f"no such object ({code})") from exc
         if code in DENIED_CODES:
             raise AccessDenied(f"access denied ({code})") from exc
+        if code in REFUSED_CREDENTIAL_CODES:
+            raise StoreCredentialsError(
+                f"the object store refused our credentials ({code}): {CREDENTIALS_HELP}"
+            ) from exc
         raise StoreUnavailable(
             f"object store error {code or _status_code(exc)} for {what}"
         ) from exc
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise StoreCredentialsError(
+            f"no usable AWS credentials ({_reason(exc)}): {CREDENTIALS_HELP}"
+        ) from exc
     except (BotoCoreError, OSError) as exc:
-        raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc
+        raise StoreUnavailable(f"object store unreachable ({_reason(exc)})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's own first line (it names the endpoint), else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+from captioning.errors import ConfigError
+from captioning.kinds import parse_kinds
+
 
 def positive(text: str) -> int:
     value = int(text)
@@ -30,3 +33,9 @@ def per_second(text: str) -> float:
 
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+def kind_list(text: str) -> tuple[str, ...]:
+    """`caption,tags`: known kinds, comma-separated."""
+    try:
+        return parse_kinds(text.split(","))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

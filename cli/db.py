@@ -1,4 +1,5 @@
-"""`captioner db upgrade`: create the captions table where it is missing."""
+"""`captioner db upgrade`: create the captions table where it is missing, or add the columns
+a newer release defines."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    ResultsStore(get_settings().database_url).create_schema()
+    added = ResultsStore(get_settings().database_url).create_schema()
+    if added:
+        print(f"added columns {', '.join(added)} (existing rows keep NULL there)")
     print("captions table is up to date")
     return 0

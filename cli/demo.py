@@ -14,7 +14,7 @@ import captioning
 from captioning.errors import ConfigError
 from captioning.messages import REALTIME_QUEUE
 from captioning.results import CaptionRow, ResultsStore
-from captioning.settings import Settings
+from captioning.settings import Settings, get_settings
 from cli.arguments import positive
 from cli.results import write_rows
 
@@ -23,6 +23,8 @@ log = logging.getLogger("captioner")
 SAMPLES_DIR = Path(captioning.__file__).parent / "samples"
 TINY_MODEL = "tiny-random-blip2"
 REAL_MODEL = "Salesforce/blip2-opt-2.7b"
+TINY_TAGGER = "tiny-random-wd14"
+REAL_TAGGER = "SmilingWolf/wd-vit-tagger-v3"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -44,6 +46,16 @@ def choose_demo_model() -> str:
     return REAL_MODEL if weights_cached(REAL_MODEL) else TINY_MODEL
 
 
+def choose_demo_tagger() -> str:
+    """CAPTIONER_TAGGER_MODEL if set; else the real WD14 tagger if cached; else its twin."""
+    if os.environ.get("CAPTIONER_TAGGER_MODEL"):
+        return os.environ["CAPTIONER_TAGGER_MODEL"]
+    from workers.runtimes.loading import weights_cached
+    from workers.runtimes.wd14 import TAGGER_FILES
+
+    return REAL_TAGGER if weights_cached(REAL_TAGGER, files=TAGGER_FILES) else TINY_TAGGER
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
     from captioning.embedded import PrivateRedis
@@ -51,10 +63,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from producer.enqueue import JobSender, enqueue_uris
     from producer.keys import is_image_key
 
+    get_settings()  # the worker it starts reads CAPTIONER_* too: a bad one is one line here
     directory = args.directory.resolve()
     images = sorted(p for p in directory.rglob("*") if p.is_file() and is_image_key(p.name))
     if not images:
-        raise ConfigError(f"no images (.jpg, .png, .webp, ...) under {directory}")
+        raise ConfigError(
+            f"no images (.jpg, .png, .webp, ...) under {directory}: give a folder of images"
+        )
     model = choose_demo_model()
     if model == TINY_MODEL:
         print(
@@ -72,9 +87,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             database_url=f"sqlite:///{database}",
             allowed_roots=(directory,),
             model=model,
+            tagger_model=choose_demo_tagger(),
             results_uri=(workdir / "sidecars").as_uri(),
             metrics_port=0,
         )
+        expected = len(images) * len(settings.kinds)  # a row per image and kind
+        if "tags" in settings.kinds and settings.tagger_model == TINY_TAGGER:
+            print(f"note: using {TINY_TAGGER}, a WD14 tagger with random weights: its tags are "
+                  f"placeholder noise. For real tags, download {REAL_TAGGER} (hf download ...) "
+                  "or set CAPTIONER_TAGGER_MODEL to a directory with model.onnx and "
+                  "selected_tags.csv.")
         env = {**os.environ, **settings.as_env()}
         results = ResultsStore(settings.database_url)
         results.create_schema()
@@ -82,16 +104,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"], env=env
         )
         try:
-            with JobSender(create_app(settings), REALTIME_QUEUE) as sender:
+            with JobSender(create_app(settings, one_shot=True), REALTIME_QUEUE) as sender:
                 enqueue_uris((file_uri(p) for p in images), sender, settings, batch_size=8)
             print(f"enqueued {len(images)} images from {directory}; waiting for the worker...")
-            rows = wait_for_rows(results, len(images), args.timeout, worker)
+            rows = wait_for_rows(results, expected, args.timeout, worker)
         finally:
             worker.terminate()
             worker.wait(timeout=60)
     write_rows(rows, "table", sys.stdout)
     print(f"results: {database} (sidecars in {workdir / 'sidecars'})")
-    return 0 if len(rows) == len(images) else 1
+    return 0 if len(rows) == expected else 1
 
 
 def wait_for_rows(

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from captioning.errors import ConfigError
+from captioning.kinds import KINDS
 from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, WORK_QUEUES
 from captioning.results import ResultsStore
 from captioning.settings import Settings, get_settings
-from cli.arguments import comma_list, per_second, positive, since_date
+from cli.arguments import comma_list, kind_list, per_second, positive, since_date
 
 if TYPE_CHECKING:
     import redis
 
     from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.uris import ImageLocation
     from producer.backfill import Pacing
 
 log = logging.getLogger("captioner")
@@ -32,6 +35,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue.add_argument("--queue", default=REALTIME_QUEUE, choices=WORK_QUEUES,
                          help="queue to send to (default %(default)s, served first)")
     enqueue.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(enqueue)
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
@@ -48,9 +52,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
                           help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
+    add_kind_argument(backfill)
     backfill.add_argument(
         "--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-        help="skip images that already have a row for this model and prompt (default: on)",
+        help="ask each image only for the kinds it has no row for yet (that kind's model, and "
+        "the prompt where the kind reads one) (default: on)",
     )
     backfill.add_argument("--dry-run", action="store_true", help="list and count, send nothing")
     backfill.add_argument("--limit", type=positive, help="enqueue at most N images")
@@ -73,14 +79,51 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     backfill.set_defaults(run=cmd_backfill)
 
 
-def read_uris(args: argparse.Namespace) -> Iterator[str]:
-    yield from args.uris
-    if args.from_file:
-        handle: TextIO = sys.stdin if args.from_file == "-" else open(args.from_file)  # noqa: SIM115
-        with handle:
-            for line in handle:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    yield line.strip()
+def add_kind_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kind", type=kind_list, metavar="KIND[,KIND...]",
+        help=f"what to produce for each image: {', '.join(KINDS)} "
+        "(default: CAPTIONER_KINDS); each kind's model comes from its setting",
+    )
+
+
+@contextmanager
+def uri_file(path: str | None) -> Iterator[Iterable[str]]:
+    """The lines of --from-file (stdin for '-'), opened before anything is sent."""
+    if path is None:
+        yield ()
+        return
+    try:
+        handle: TextIO = sys.stdin if path == "-" else open(path)  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc.strerror}): give a readable file of URIs"
+        ) from exc
+    with handle:
+        yield handle
+
+
+def read_uris(uris: Iterable[str], lines: Iterable[str], path: str | None) -> Iterator[str]:
+    """The URIs given as arguments, then the file's, without blank lines and # comments."""
+    for uri in uris:
+        yield text(uri, f"the argument {uri!r}")
+    try:
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield text(line.strip(), f"--from-file {path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read --from-file {path} ({exc}): give a text file of URIs, one per line"
+        ) from exc
+
+
+def text(uri: str, origin: str) -> str:
+    """Bytes that are not UTF-8 reach us as surrogates (argv, stdin): refuse them here."""
+    try:
+        uri.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{origin} is not UTF-8 text: give URIs as UTF-8") from exc
+    return uri
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -90,8 +133,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
-    with JobSender(create_app(settings), args.queue, batch=PUBLISH_BATCH) as sender:
-        enqueue_uris(read_uris(args), sender, settings, batch_size=args.batch_size)
+    app = create_app(settings, one_shot=True)
+    with (uri_file(args.from_file) as lines,
+          JobSender(app, args.queue, batch=PUBLISH_BATCH) as sender):
+        uris = read_uris(args.uris, lines, args.from_file)
+        enqueue_uris(uris, sender, settings, batch_size=args.batch_size, kinds=args.kind)
     print(f"enqueued {sender.images_sent} images in {sender.jobs_sent} jobs to {args.queue}")
     return 0
 
@@ -101,18 +147,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from captioning.checkpoints import Checkpoint, Checkpoints
     from captioning.connections import redis_client
     from captioning.storage import S3Store
-    from captioning.uris import check_allowed, parse_prefix
+    from captioning.uris import check_allowed
     from producer.backfill import Filters, backfill
     from producer.enqueue import PUBLISH_BATCH, JobSender
     from producer.listing import pipelined
     from producer.progress import Progress
 
     settings = get_settings()
-    if not args.prefix and not args.inventory:
-        raise ConfigError("give s3://bucket/prefix to list, or --inventory s3://…/manifest.json")
-    source = parse_prefix(args.prefix or args.inventory)
-    if source.scheme != "s3":
-        raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
+    source = backfill_source(args)
     name = args.name or args.prefix or args.inventory
     origin = args.inventory or args.prefix
     broker = redis_client(settings.broker_url)
@@ -131,6 +173,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     options = {
         "results": results, "settings": settings, "batch_size": args.batch_size,
         "pacing": pacing, "on_progress": lambda cp: progress.update(cp, paused()),
+        "kinds": args.kind,
     }
 
     def run(sender: JobSender | None) -> Checkpoint:
@@ -149,10 +192,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         elif args.dry_run:
             report = run(None)
         else:
-            with JobSender(create_app(settings), args.queue, batch=PUBLISH_BATCH) as sender:
+            app = create_app(settings, one_shot=True)
+            with JobSender(app, args.queue, batch=PUBLISH_BATCH) as sender:
                 report = run(sender)
-    finally:
-        progress.close(checkpoint, paused())
+    except BaseException:
+        if checkpoint.enqueued:  # where a run that got going stopped; nothing to say otherwise
+            progress.close(checkpoint, paused())
+        raise
+    progress.close(checkpoint, paused())
     verb = "would enqueue" if args.dry_run else "enqueued"
     print(
         f"listed {report.listed} objects, {report.images} images; skipped {report.skipped} "
@@ -161,6 +208,18 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if not report.finished:
         print(f"stopped before the end: continue with --resume (checkpoint {name!r})")
     return 0
+
+
+def backfill_source(args: argparse.Namespace) -> ImageLocation:
+    """What a backfill reads: the listed prefix, or the inventory manifest."""
+    from captioning.uris import parse_prefix
+
+    if not args.prefix and not args.inventory:
+        raise ConfigError("give s3://bucket/prefix to list, or --inventory s3://…/manifest.json")
+    source = parse_prefix(args.prefix or args.inventory)
+    if source.scheme != "s3":
+        raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
+    return source
 
 
 def backfill_pacing(args: argparse.Namespace, broker: redis.Redis) -> Pacing:
@@ -228,7 +287,8 @@ def run_in_parts(
     if parts:
         check_allowed(parts[0].source, settings)  # every part lists the same bucket
     return backfill_parts(
-        parts, app=None if args.dry_run else create_app(settings), queue_name=args.queue,
+        parts, app=None if args.dry_run else create_app(settings, one_shot=True),
+        queue_name=args.queue,
         name=name, source=origin, workers=args.list_workers, resume=args.resume,
         checkpoints=None if args.dry_run else checkpoints,
         filters=Filters(prefix=prefix, since=args.since, match=args.match), **options,

@@ -48,11 +48,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_listen_sqs(args: argparse.Namespace) -> int:
-    import boto3
+    from producer.listeners import SqsListener, open_queue
 
-    from producer.listeners import SqsListener
-
-    client = boto3.client("sqs", endpoint_url=args.endpoint_url)
+    client = open_queue(args.queue_url, args.endpoint_url)
     with event_batcher(args) as batcher:
         listener = SqsListener(client, args.queue_url, batcher, receivers=args.receivers)
         stop_on_signals(listener.stopping.set)
@@ -93,7 +91,9 @@ def event_batcher(args: argparse.Namespace) -> Iterator[LingerBatcher]:
     from producer.listeners import EventEnqueuer
 
     settings = get_settings()
-    deduper = Deduper(redis_client(settings.broker_url), ttl_s=args.dedupe_ttl)
+    broker = redis_client(settings.broker_url)
+    broker.ping()  # a listener without Redis fails now, not on the first upload it accepts
+    deduper = Deduper(broker, ttl_s=args.dedupe_ttl)
     with JobSender(create_app(settings), args.queue) as sender:
         enqueuer = EventEnqueuer(sender, deduper, settings, args.batch_size)
         batcher = LingerBatcher(

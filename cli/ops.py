@@ -65,7 +65,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         health = read_health(client, socket.gethostname())
     except redis.RedisError as exc:
-        print(f"unhealthy: broker unreachable ({type(exc).__name__})", file=sys.stderr)
+        print(f"unhealthy: broker unreachable ({type(exc).__name__}): start Redis or fix "
+              "CAPTIONER_BROKER_URL", file=sys.stderr)
         return 1
     if is_healthy(health, ready=args.ready, now=time.time()):
         return 0
@@ -103,7 +104,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     if args.action == "purge":
         print(f"purged {letters.purge()} dead-lettered jobs")
         return 0
-    app = create_app(settings)
+    app = create_app(settings, one_shot=True)
 
     def send(letter: DeadLetter) -> bool:
         try:

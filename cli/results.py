@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
+from captioning.kinds import CAPTION, KINDS
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import get_settings
 from cli.arguments import positive
@@ -20,13 +21,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                          help="output format (default %(default)s)")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
     results.add_argument("--status", choices=("ok", "failed"), help="only rows with this status")
+    results.add_argument("--kind", choices=tuple(KINDS),
+                         help="only rows of this kind (caption includes rows from before kinds)")
     results.add_argument("--limit", type=positive, metavar="N", help="print at most N rows")
     results.set_defaults(run=cmd_results)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     rows = ResultsStore(get_settings().database_url).rows(
-        prefix=args.prefix, status=args.status, limit=args.limit
+        prefix=args.prefix, status=args.status, kind=args.kind, limit=args.limit
     )
     write_rows(rows, args.format, sys.stdout)
     return 0
@@ -40,16 +43,21 @@ def write_rows(rows: Iterable[CaptionRow], fmt: str, out: TextIO) -> None:
     elif fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(CaptionRow.__dataclass_fields__))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(
+            {**record, "tags": json.dumps(record["tags"], ensure_ascii=False)}
+            if record["tags"] is not None else record
+            for record in records
+        )
     else:
         out.write(format_table(records))
 
 
 def format_table(records: Sequence[dict[str, object]]) -> str:
-    columns = ("status", "uri", "caption / error")
+    columns = ("status", "kind", "uri", "caption / error")
     cells = [
         (
             str(r["status"]),
+            str(r["kind"] or CAPTION.name),
             shorten(str(r["uri"]), 60, keep_end=True),
             shorten(str(r["caption"] if r["status"] == "ok" else r["error"]), 70),
         )

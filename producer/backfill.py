@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from captioning.checkpoints import Checkpoint, Checkpoints
+from captioning.kinds import KINDS, annotators, row_prompt
 from captioning.messages import CaptionJob, JobItem
 from captioning.results import ResultsStore, row_id
 from captioning.settings import Settings
@@ -59,6 +59,21 @@ class Pacing:
     gate: QueueGate | None = None
     rate: RateLimiter | None = None
 
+    def wait(self, images: int) -> None:
+        """Return once `images` more may be sent: room in the queue, then the rate."""
+        if self.gate is not None:
+            self.gate.wait(images)
+        if self.rate is not None:
+            self.rate.acquire(images)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A listed image and the kinds it has no row for yet."""
+
+    item: JobItem
+    kinds: tuple[str, ...]
+
 
 def pending_items(
     bucket: str,
@@ -67,10 +82,13 @@ def pending_items(
     settings: Settings,
     filters: Filters,
     done_ids: Callable[[list[str]], set[str]] | None,
-) -> tuple[list[JobItem], int]:
-    """Candidates of one listing page with no row yet for this model and prompt, and the
+    kinds: Sequence[str] | None = None,
+) -> tuple[list[Pending], int]:
+    """Candidates of one listing page missing a row for any of `kinds` (default
+    CAPTIONER_KINDS: each kind's model, and the prompt where the kind reads one), and the
     number of candidates. (pydantic-core validates a JobItem in less time than
     `model_construct` builds one, so they are validated.)"""
+    wanted = tuple(kinds or settings.kinds)
     items = [
         JobItem(uri=s3_uri(bucket, obj.key), etag=obj.etag or None)
         for obj in page
@@ -78,13 +96,21 @@ def pending_items(
     ]
     candidates = len(items)
     if done_ids is None or not items:
-        return items, candidates
-    model, prompt = settings.model, settings.prompt
-    ids = [row_id(item.uri, item.etag or "", model, prompt) for item in items]
-    done = done_ids(ids)
-    if done:
-        items = [item for item, item_id in zip(items, ids, strict=True) if item_id not in done]
-    return items, candidates
+        return [Pending(item, wanted) for item in items], candidates
+    keys = {kind: (KINDS[kind].model(settings), row_prompt(kind, settings.prompt))
+            for kind in wanted}
+    ids = {
+        (item.uri, kind): row_id(item.uri, item.etag or "", *keys[kind])
+        for item in items
+        for kind in wanted
+    }
+    done = done_ids(list(ids.values()))
+    pending = []
+    for item in items:
+        missing = tuple(kind for kind in wanted if ids[item.uri, kind] not in done)
+        if missing:
+            pending.append(Pending(item, missing))
+    return pending, candidates
 
 
 def backfill(
@@ -101,9 +127,12 @@ def backfill(
     pacing: Pacing | None = None,
     limit: int | None = None,
     on_progress: Callable[[Checkpoint], None] = lambda _checkpoint: None,
+    kinds: Sequence[str] | None = None,
 ) -> Checkpoint:
     """List `source` after `checkpoint.last_key` and enqueue what is missing.
 
+    Each job asks for the kinds its images miss (of `kinds`, default CAPTIONER_KINDS); a
+    job is cut where that set changes, so no kind is asked of an image twice.
     `sender=None` is a dry run (nothing sent, no checkpoint saved). The returned checkpoint
     is `finished` when the listing (or `limit`) was exhausted.
     """
@@ -111,19 +140,16 @@ def backfill(
     pacing = pacing or Pacing()
     done_ids = results.existing_ids if results is not None else None
     bucket_uri_length = len(s3_uri(source.bucket, ""))
-    model, prompt = settings.model, settings.prompt
     buffer: list[JobItem] = []
+    buffer_kinds: tuple[str, ...] = ()
 
     def send(items: list[JobItem], last_key: str) -> None:
         if sender is not None:
-            if pacing.gate is not None:
-                pacing.gate.wait(len(items))
-            if pacing.rate is not None:
-                pacing.rate.acquire(len(items))
+            pacing.wait(len(items))
             sender.send(
-                CaptionJob.model_construct(
-                    items=tuple(items), model=model, prompt=prompt, source="backfill",
-                    enqueued_at=time.time(),
+                CaptionJob.create(
+                    items=tuple(items), annotators=annotators(settings, buffer_kinds),
+                    prompt=settings.prompt, source="backfill",
                 )
             )
         checkpoint.jobs += 1
@@ -142,17 +168,22 @@ def backfill(
     exhausted = True
     for page in _pages(list_pages, source, checkpoint.last_key):
         items, candidates = pending_items(
-            source.bucket, page, settings=settings, filters=filters, done_ids=done_ids
+            source.bucket, page, settings=settings, filters=filters, done_ids=done_ids,
+            kinds=kinds,
         )
         checkpoint.listed += len(page)
         checkpoint.images += candidates
         checkpoint.skipped += candidates - len(items)
         room = None if limit is None else limit - checkpoint.enqueued - len(buffer)
         truncated = room is not None and room < len(items)
-        for item in items[:room] if truncated else items:
-            buffer.append(item)
+        for pending in items[:room] if truncated else items:
+            if buffer and pending.kinds != buffer_kinds:
+                send(buffer, buffer[-1].uri[bucket_uri_length:])
+                buffer = []
+            buffer_kinds = pending.kinds
+            buffer.append(pending.item)
             if len(buffer) == batch_size:
-                send(buffer, item.uri[bucket_uri_length:])
+                send(buffer, pending.item.uri[bucket_uri_length:])
                 buffer = []
         if not buffer and not truncated:
             checkpoint.last_key = page[-1].key  # the whole page is queued or skipped

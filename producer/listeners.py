@@ -18,9 +18,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from captioning.errors import InvalidEvent
+from captioning.errors import ConfigError, InvalidEvent
+from captioning.kinds import annotators
 from captioning.settings import Settings
 from producer.batcher import BatcherClosed, LingerBatcher
 from producer.dedupe import Deduper
@@ -53,7 +55,7 @@ class EventEnqueuer:
             for job in make_jobs(
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,
-                model=self._settings.model,
+                annotators=annotators(self._settings, self._settings.kinds),
                 prompt=self._settings.prompt,
                 source="event",
             ):
@@ -62,6 +64,30 @@ class EventEnqueuer:
             self._deduper.release(fresh)
             raise
         log.debug("enqueued %d event images (%d duplicates)", len(fresh), len(refs) - len(fresh))
+
+
+def open_queue(queue_url: str, endpoint_url: str | None) -> Any:
+    """An SQS client that has read the queue once: a wrong URL, region or credential fails
+    the listener at start, instead of filling its log with retries that never succeed."""
+    try:
+        client = boto3.client("sqs", endpoint_url=endpoint_url)
+        client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    except NoCredentialsError as exc:
+        raise ConfigError(
+            f"no AWS credentials for SQS ({exc}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role (IRSA)"
+        ) from exc
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise ConfigError(
+            f"SQS refused {queue_url} ({error.get('Code')}: {error.get('Message')}): check "
+            "--queue-url, and that these credentials may sqs:ReceiveMessage on it"
+        ) from exc
+    except BotoCoreError as exc:
+        raise ConfigError(
+            f"cannot reach SQS ({exc}): check --endpoint-url, AWS_DEFAULT_REGION and the network"
+        ) from exc
+    return client
 
 
 class SqsListener:

@@ -35,6 +35,8 @@ class SeaweedS3:
     process: subprocess.Popen[bytes] | None = None
     s3_port: int = 0
     metrics_port: int = 0
+    #: An identities file (as deploy/seaweedfs/s3.json): requests must then be signed by one.
+    s3_config: Path | None = None
 
     def start(self) -> None:
         if not self.s3_port:
@@ -57,6 +59,7 @@ class SeaweedS3:
                 "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={grpc['s3']}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-metricsPort={self.metrics_port}",
+                *([f"-s3.config={self.s3_config}"] if self.s3_config else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

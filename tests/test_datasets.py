@@ -68,7 +68,7 @@ def test_a_job_writes_one_parquet_object_that_a_redelivery_overwrites(
     job = CaptionJob(items=tuple(JobItem(uri=u) for u in uris), model="tiny-random-blip2",
                      source="cli", enqueued_at=1_767_225_600.0)  # 2026-01-01 UTC
     for _delivery in range(2):
-        rows = process_job(job, parquet_ctx)
+        rows = process_job(job, parquet_ctx, "captions.realtime").rows
         parquet_ctx.writer.write(rows)
 
     root = parquet_ctx.settings.results_uri.removeprefix("s3://uploads/")
@@ -100,16 +100,17 @@ def test_the_same_bytes_under_another_key_copy_the_caption_without_the_model(
     first = upload(s3, prefix, {"a/rocket.jpg": rocket})
     model = "tiny-random-blip2"
     original = process_job(CaptionJob(items=(JobItem(uri=first[0]),), model=model,
-                                      source="cli"), parquet_ctx)
+                                      source="cli"), parquet_ctx, "captions.realtime").rows
     parquet_ctx.writer.write(original)
 
     fresh = encode(sample_rgb((40 + len(prefix), 30)).rotate(int(prefix[2:6], 16) % 360), "PNG")
     copies = upload(s3, prefix, {"b/copy.jpg": rocket, "b/fresh.png": fresh})
-    deduped, to_model = metrics.DEDUPED._value.get(), metrics.BATCH_SIZE._sum.get()
+    batch_sizes = metrics.BATCH_SIZE.labels("caption")
+    deduped, to_model = metrics.DEDUPED._value.get(), batch_sizes._sum.get()
     rows = process_job(CaptionJob(items=tuple(JobItem(uri=u) for u in copies), model=model,
-                                  source="cli"), parquet_ctx)
+                                  source="cli"), parquet_ctx, "captions.realtime").rows
     assert metrics.DEDUPED._value.get() - deduped == 1
-    assert metrics.BATCH_SIZE._sum.get() - to_model == 1  # only the new image met the model
+    assert batch_sizes._sum.get() - to_model == 1  # only the new image met the model
     assert rows[0].caption == original[0].caption and rows[0].status == "ok"
     assert rows[0].content_digest == original[0].content_digest
     assert rows[1].content_digest != original[0].content_digest

@@ -24,6 +24,7 @@ from moto.server import ThreadedMotoServer
 from captioning.broker import create_app
 from captioning.checkpoints import Checkpoint, Checkpoints
 from captioning.embedded import free_port
+from captioning.kinds import KINDS
 from captioning.messages import CaptionJob
 from captioning.queues import job_of
 from captioning.results import CaptionRow
@@ -369,7 +370,8 @@ def test_backfill_cli_since_match_limit_resume_and_status(
     assert "enqueued 10 images in 5 jobs" in rest and "--resume" not in rest
 
     status = json.loads(captioner(settings, "status", "--json", "--window", "10"))
-    assert set(status["queues"]) == {"captions.realtime", "captions.bulk"}
+    assert set(status["queues"]) == {"captions.realtime", "captions.bulk",
+                                     *(f"captions.kind.{kind}" for kind in KINDS)}
     assert {"jobs", "images", "oldest_age_s"} <= set(status["queues"]["captions.bulk"])
     assert status["workers"], "the session's worker should answer the ping"
     checkpoint = next(b for b in status["backfills"] if b["name"] == name)

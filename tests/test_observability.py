@@ -30,8 +30,8 @@ def test_worker_metrics_count_images_and_stages(
     settings: Settings, s3, prefix: str, rows_under
 ) -> None:
     before = scrape(settings.metrics_port)
-    ok_key = 'captioner_images_total{queue="captions.realtime",status="ok"}'
-    failed_key = 'captioner_images_total{queue="captions.realtime",status="failed"}'
+    ok_key = 'captioner_images_total{kind="caption",queue="captions.realtime",status="ok"}'
+    failed_key = 'captioner_images_total{kind="caption",queue="captions.realtime",status="failed"}'
     photo = photo_bytes()["coffee.png"]
     uris = upload(s3, "photos", prefix, {"a.png": photo, "b.png": photo})
     captioner(settings, "enqueue", *uris, f"s3://photos/{prefix}missing.png")
@@ -41,12 +41,15 @@ def test_worker_metrics_count_images_and_stages(
     after = scrape(settings.metrics_port)
     assert after[ok_key] - before.get(ok_key, 0) == 2
     assert after[failed_key] - before.get(failed_key, 0) == 1
-    assert after['captioner_image_errors_total{reason="ObjectMissing"}'] >= 1
+    assert after['captioner_image_errors_total{kind="caption",reason="ObjectMissing"}'] >= 1
     assert after["captioner_model_loaded{}"] == 1
     assert after["captioner_model_warmed{}"] == 1
-    for stage in ("fetch", "decode", "generate", "write"):
-        assert after[f'captioner_stage_seconds_count{{stage="{stage}"}}'] >= 1
-    assert after['captioner_end_to_end_seconds_count{queue="captions.realtime"}'] >= 3
+    for stage, kind in (("fetch", "shared"), ("decode", "shared"), ("generate", "caption"),
+                        ("write", "shared")):
+        assert after[f'captioner_stage_seconds_count{{kind="{kind}",stage="{stage}"}}'] >= 1
+    assert after[
+        'captioner_end_to_end_seconds_count{kind="caption",queue="captions.realtime"}'
+    ] >= 3
     assert not any("s3://" in name or prefix in name for name in after)
 
 

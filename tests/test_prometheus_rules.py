@@ -187,7 +187,7 @@ def test_every_recording_rule_value_is_tested() -> None:
 def test_backlog_signal_counts_waiting_and_inflight_images_of_work_queues() -> None:
     (rule,) = [r for r in all_rules() if r.get("record") == "captioner:images_backlog"]
     assert metric_names(rule["expr"]) == {"captioner_queue_images", "captioner_inflight_images"}
-    assert "captions[.](realtime|bulk)" in rule["expr"]
+    assert "captions[.](realtime|bulk|kind[.].+)" in rule["expr"]
 
 
 def test_rules_and_dashboard_use_only_known_metrics() -> None:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from captioning.errors import StoreUnavailable, UndecodableImage
-from captioning.messages import CaptionJob, JobItem
+from captioning.messages import BULK_QUEUE, REALTIME_QUEUE, CaptionJob, JobItem
 from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
@@ -22,6 +22,7 @@ from tests.imagefactory import awkward_images, hostile_files, photo_bytes
 from workers.context import WorkerContext
 from workers.images import decode_image
 from workers.pipeline import ItemState, Stages, micro_batches
+from workers.runtimes.blip2 import CaptionModel
 from workers.tasks import process_job
 
 
@@ -42,6 +43,12 @@ def ctx(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker
     context = WorkerContext.create(settings)
     yield context
     context.close()
+
+
+def caption_model(ctx: WorkerContext) -> CaptionModel:
+    model = ctx.runtimes["caption"]
+    assert isinstance(model, CaptionModel)
+    return model
 
 
 def mixed_files(root: Path) -> dict[str, str | None]:
@@ -66,8 +73,8 @@ def test_one_row_per_item_in_order_with_failures_mixed_in(
     expected = mixed_files(root)
     uris = [(root / name).as_uri() for name in expected] + ["http://example.com/x.jpg"]
     items = tuple(JobItem(uri=u) for u in uris)
-    job = CaptionJob(items=items, model=ctx.model.name, prompt="", source="cli")
-    rows = process_job(job, ctx)
+    job = CaptionJob(items=items, model=ctx.runtimes["caption"].name, prompt="", source="cli")
+    rows = process_job(job, ctx, BULK_QUEUE).rows
 
     assert [row.uri for row in rows] == uris
     for row, error in zip(rows, [*expected.values(), "UriRefused"], strict=True):
@@ -79,10 +86,10 @@ def test_one_row_per_item_in_order_with_failures_mixed_in(
     ok = [row for row in rows if row.status == "ok"]
     decoded = [
         decode_image((root / Path(r.key).name).read_bytes(), max_pixels=20_000_000,
-                     target_size=ctx.model.image_size).image
+                     target_size=ctx.runtimes["caption"].image_size).image
         for r in ok
     ]
-    assert ctx.model.caption(decoded, "") == [r.caption for r in ok]
+    assert caption_model(ctx).caption(decoded, "") == [r.caption for r in ok]
 
 
 def test_the_window_bounds_work_in_flight(ctx: WorkerContext, root: Path) -> None:
@@ -101,14 +108,14 @@ def test_the_window_bounds_work_in_flight(ctx: WorkerContext, root: Path) -> Non
         time.sleep(0.02)
         with lock:
             active -= 1
-        return ctx.model.to_pixels(image)
+        return ctx.runtimes["caption"].to_pixels(image)
 
-    stages = Stages(**{**ctx.stages.__dict__, "to_pixels": slow_pixels})
+    stages = Stages(**{**ctx.stages.__dict__, "to_pixels": {"caption": slow_pixels}})
     states = [ItemState(JobItem(uri=u), location=allowed_location(u, ctx.settings)) for u in uris]
     streamed = stages.stream(states, ahead=4)
     first = next(streamed)
     time.sleep(0.3)  # the consumer is slow: no more than the window may have been prepared
-    prepared = sum(s.pixels is not None for s in states)
+    prepared = sum(bool(s.pixels) for s in states)
     assert first is states[0]
     assert prepared <= 1 + 4
     assert [first, *streamed] == states
@@ -133,6 +140,71 @@ def test_a_store_outage_fails_the_whole_job(ctx: WorkerContext) -> None:
     stages = Stages(**{**ctx.stages.__dict__, "stores": Stores(settings)})
     broken = WorkerContext(**{**ctx.__dict__, "settings": settings, "stages": stages})
     items = (JobItem(uri="s3://photos/a.jpg"),)
-    job = CaptionJob(items=items, model=ctx.model.name, prompt="", source="cli")
+    job = CaptionJob(items=items, model=ctx.runtimes["caption"].name, prompt="", source="cli")
     with pytest.raises(StoreUnavailable):
-        process_job(job, broken)
+        process_job(job, broken, BULK_QUEUE)
+
+
+@pytest.fixture(scope="module")
+def both(ctx: WorkerContext) -> Iterator[WorkerContext]:
+    """A worker serving caption and tags (the tiny twins)."""
+    settings = ctx.settings.model_copy(
+        update={"kinds": ("caption", "tags"), "tagger_model": "tiny-random-wd14",
+                "tagger_batch_size": 2}
+    )
+    context = WorkerContext.create(settings)
+    yield context
+    context.close()
+
+
+class CountingStages(Stages):
+    def prepare(self, state: ItemState) -> None:
+        self.__dict__.setdefault("prepared", []).append(state.item.uri)
+        super().prepare(state)
+
+
+def test_several_kinds_share_one_fetch_and_decode(both: WorkerContext, root: Path) -> None:
+    expected = mixed_files(root)
+    uris = [(root / name).as_uri() for name in expected]
+    tagger = both.runtimes["tags"]
+    job = CaptionJob.create(
+        items=tuple(JobItem(uri=u) for u in uris),
+        annotators={"caption": "tiny-random-blip2", "tags": "tiny-random-wd14"},
+        prompt="Question: what is it? Answer:", source="cli",
+    )
+    assert both.stages.target_size is None  # the tagger's exact preprocessing: full resolution
+    stages = CountingStages(**both.stages.__dict__)
+    outcome = process_job(job, WorkerContext(**{**both.__dict__, "stages": stages}), BULK_QUEUE)
+
+    assert sorted(stages.__dict__["prepared"]) == sorted(uris)  # once per image, not per kind
+    assert outcome.forward == []
+    assert len(outcome.rows) == 2 * len(uris)
+    by_kind = {kind: [r for r in outcome.rows if r.kind == kind] for kind in ("caption", "tags")}
+    for rows in by_kind.values():
+        assert [r.uri for r in rows] == uris
+        for r, error in zip(rows, expected.values(), strict=True):
+            assert (r.status == "ok") is (error is None), r
+    tags = [r for r in by_kind["tags"] if r.status == "ok"]
+    assert all(r.model == "tiny-random-wd14" and r.prompt == "" for r in tags)
+    assert all(r.prompt == job.prompt for r in by_kind["caption"])
+    decoded = [decode_image((root / Path(r.key).name).read_bytes(), max_pixels=20_000_000).image
+               for r in tags]
+    direct = tagger.annotate([tagger.to_pixels(image) for image in decoded], "")
+    assert [r.caption for r in tags] == [a.text for a in direct]
+    assert [r.tags for r in tags] == [a.tags for a in direct]
+
+
+def test_a_kind_not_served_is_forwarded_to_its_queue(ctx: WorkerContext, root: Path) -> None:
+    (root / "fwd.png").write_bytes(photo_bytes()["chelsea.png"])
+    job = CaptionJob.create(
+        items=(JobItem(uri=(root / "fwd.png").as_uri()),),
+        annotators={"caption": "tiny-random-blip2", "tags": "some/tagger"},
+        prompt="", source="backfill",
+    )
+    outcome = process_job(job, ctx, REALTIME_QUEUE)
+    assert [(r.kind, r.status) for r in outcome.rows] == [("caption", "ok")]
+    [(queue, forwarded)] = outcome.forward
+    assert queue == "captions.kind.tags"
+    assert forwarded.annotators == {"tags": "some/tagger"}
+    assert (forwarded.items, forwarded.enqueued_at, forwarded.source) == (
+        job.items, job.enqueued_at, "backfill")

@@ -112,7 +112,8 @@ def test_malformed_jobs_are_rejected_with_a_reason(payload: object) -> None:
 
 def test_jobs_round_trip_and_batch() -> None:
     items = [JobItem(uri=f"s3://b/{i}.jpg") for i in range(70)]
-    jobs = list(make_jobs(items, batch_size=32, model="m", prompt="", source="backfill"))
+    jobs = list(make_jobs(items, batch_size=32, annotators={"caption": "m"}, prompt="",
+                          source="backfill"))
     assert [len(job.items) for job in jobs] == [32, 32, 6]
     message = json.loads(json.dumps(jobs[0].to_message()))
     assert CaptionJob.from_message(message) == jobs[0]
@@ -188,7 +189,8 @@ def test_image_keys_and_pending_items_skip_done_rows() -> None:
     pending, candidates = pending_items(
         "bkt", page, settings=settings, filters=Filters(), done_ids=done_ids
     )
-    assert [item.uri for item in pending] == ["s3://bkt/c.png"] and candidates == 2
+    assert [p.item.uri for p in pending] == ["s3://bkt/c.png"] and candidates == 2
+    assert pending[0].kinds == ("caption",)
     assert len(asked) == 1 and len(asked[0]) == 2
 
 

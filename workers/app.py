@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 from celery.signals import (
+    celeryd_after_setup,
     task_postrun,
     worker_init,
     worker_process_init,
@@ -27,6 +28,7 @@ from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
 from captioning.settings import get_settings
 from workers.observability import mark_process_dead, serve_metrics
+from workers.routing import consume_order
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,15 @@ _beacon: HealthBeacon | None = None
 
 def _threads_pool() -> bool:
     return get_settings().pool == "threads"
+
+
+@celeryd_after_setup.connect
+def _consume_kind_queues(instance: Any, **_: object) -> None:
+    """Also consume the queue of every kind this worker serves, where other workers forward
+    the kinds they do not serve (workers/routing.py), whatever `--queues` said."""
+    queues = instance.app.amqp.queues
+    queues.select(consume_order(queues.consume_from, get_settings().kinds))
+    log.info("consuming %s", ", ".join(queues.consume_from))
 
 
 @worker_init.connect
@@ -77,15 +88,16 @@ def _load_model() -> None:
             raise SystemExit(1) from exc
         os.kill(os.getppid(), signal.SIGTERM)
         raise
-    model = context.model
     metrics.MODEL_LOADED.set(1)
-    metrics.MODEL_WARMED.set(1)  # CaptionModel.load warms up before returning
-    metrics.BUILD_INFO.labels(version=_version(), model=model.name).set(1)
+    metrics.MODEL_WARMED.set(1)  # every runtime's load warms up before returning
+    for runtime in context.runtimes.values():
+        metrics.BUILD_INFO.labels(version=_version(), model=runtime.name).set(1)
     _beacon.warmed = True
     _beacon.beat()
     log.info(
-        "worker %s ready: model %s on %s, micro-batch %d",
-        context.name, model.name, model.device, model.batch_size,
+        "worker %s ready: %s", context.name,
+        "; ".join(f"{kind} by {runtime.name}, micro-batch {runtime.batch_size}"
+                  for kind, runtime in context.runtimes.items()),
     )
 
 
@@ -93,11 +105,12 @@ def _load_model() -> None:
 def _gpu_memory(**_: Any) -> None:
     from workers.context import current_context
 
-    context = current_context()
-    if context is not None and context.model.device.type == "cuda":
-        import torch
+    if current_context() is None:
+        return
+    import torch
 
-        metrics.GPU_MEMORY_BYTES.set(torch.cuda.memory_allocated(context.model.device))
+    if torch.cuda.is_initialized():
+        metrics.GPU_MEMORY_BYTES.set(torch.cuda.memory_allocated())
 
 
 @worker_process_shutdown.connect

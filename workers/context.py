@@ -1,4 +1,4 @@
-"""What a worker process holds for its lifetime: the model, stores, results and thread pools.
+"""What a worker process holds for its lifetime: the models, stores, results and thread pools.
 
 Built once per process (after the prefork fork, so CUDA and connection pools are never
 shared across processes) and reused by every job.
@@ -18,7 +18,8 @@ from captioning.results import ResultsStore
 from captioning.settings import Settings
 from captioning.storage import Stores
 from workers.pipeline import Stages
-from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.base import Runtime
+from workers.runtimes.registry import load_runtimes
 from workers.write import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ class WorkerContext:
     stores: Stores
     results: ResultsStore
     writer: ResultWriter
-    model: CaptionModel
+    #: kind -> its loaded model, for every kind in CAPTIONER_KINDS.
+    runtimes: dict[str, Runtime]
     io_pool: ThreadPoolExecutor
     decode_pool: ThreadPoolExecutor
     stages: Stages
-    #: Held by the job generating; the other jobs in flight fetch and decode meanwhile.
+    #: Held by the job on the models; the other jobs in flight fetch and decode meanwhile.
     model_turn: threading.Lock
     name: str
 
@@ -54,15 +56,9 @@ class WorkerContext:
         decode_pool = ThreadPoolExecutor(
             settings.decode_threads or decode_threads(), thread_name_prefix="decode"
         )
-        model = CaptionModel.load(settings)
-        stages = Stages(
-            stores=stores,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            to_pixels=model.to_pixels,
-            target_size=model.image_size,
-            io_pool=io_pool,
-            decode_pool=decode_pool,
+        runtimes = load_runtimes(settings)
+        stages = Stages.for_runtimes(
+            runtimes, stores=stores, settings=settings, io_pool=io_pool, decode_pool=decode_pool
         )
         return cls(
             settings=settings,
@@ -71,7 +67,7 @@ class WorkerContext:
             writer=ResultWriter(
                 results, stores, settings.results_uri, io_pool, settings.results_format
             ),
-            model=model,
+            runtimes=runtimes,
             io_pool=io_pool,
             decode_pool=decode_pool,
             stages=stages,

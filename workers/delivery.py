@@ -25,11 +25,13 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 
 from captioning import metrics
+from captioning.broker import send_job
 from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
 from captioning.errors import InvalidJob, UriRefused, WorkerLost
 from captioning.keys import deliveries_key, done_key
-from captioning.messages import TASK_NAME, CaptionJob
+from captioning.kinds import row_prompt
+from captioning.messages import CaptionJob
 from captioning.results import CaptionRow, utcnow
 from captioning.settings import Settings, get_settings
 from captioning.uris import parse_uri
@@ -87,7 +89,7 @@ def split_job(job: CaptionJob, size: int) -> Iterator[CaptionJob]:
 
 
 def lost_rows(job: CaptionJob, error: WorkerLost, worker: str) -> list[CaptionRow]:
-    """One `failed` row per item of a job that is not run again, saying why."""
+    """One `failed` row per item and kind of a job that is not run again, saying why."""
     finished = utcnow()
     rows = []
     for item in job.items:
@@ -96,15 +98,16 @@ def lost_rows(job: CaptionJob, error: WorkerLost, worker: str) -> list[CaptionRo
             bucket, key = location.bucket, location.key
         except UriRefused:
             bucket, key = "", ""
-        rows.append(
+        rows.extend(
             CaptionRow(
                 uri=item.uri, bucket=bucket, key=key, etag=item.etag or "",
-                version_id=item.version_id, model=job.model, prompt=job.prompt,
+                version_id=item.version_id, model=model, prompt=row_prompt(kind, job.prompt),
                 status="failed", caption=None, error=f"WorkerLost: {error}",
                 width=None, height=None, bytes=None,
                 enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
-                finished_at=finished, worker=worker,
+                finished_at=finished, worker=worker, kind=kind,
             )
+            for kind, model in job.annotators.items()
         )
     return rows
 
@@ -190,8 +193,9 @@ class GuardedTask(Task):
         ctx.writer.write(lost_rows(job, error, ctx.name))
         log.error("job %s: %s; recorded as failed", task_id, error)
         metrics.JOBS.labels("lost", queue).inc()
-        metrics.IMAGES.labels("failed", queue).inc(len(job.items))
-        metrics.IMAGE_ERRORS.labels("WorkerLost").inc(len(job.items))
+        for kind in job.annotators:
+            metrics.IMAGES.labels("failed", queue, kind).inc(len(job.items))
+            metrics.IMAGE_ERRORS.labels("WorkerLost", kind).inc(len(job.items))
 
     def _dead_letter(
         self, payload: object, reason: str, queue: str, settings: Settings
@@ -205,10 +209,7 @@ class GuardedTask(Task):
         whose done markers then stop them from running twice."""
         with self.app.producer_or_acquire() as producer:
             for index, part in enumerate(split_job(job, size)):
-                self.app.send_task(
-                    TASK_NAME, args=[part.to_message()], queue=queue, producer=producer,
-                    task_id=f"{task_id}.{index}", ignore_result=True,
-                )
+                send_job(self.app, part, queue, producer=producer, task_id=f"{task_id}.{index}")
 
 
 def _job_or_none(payload: object) -> CaptionJob | None:

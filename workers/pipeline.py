@@ -1,7 +1,8 @@
-"""A job's images as a stream: fetched and decoded ahead of the model, generated in order.
+"""A job's images as a stream: fetched and decoded ahead of the models, annotated in order.
 
 Each image is fetched by an I/O thread, which hands the bytes to a decode thread (sized to the
-CPU: Pillow releases the GIL) for decode + resize to model pixels; a window of `ahead` images
+CPU: Pillow releases the GIL) for one decode and then each kind's pixels (the resize each
+model wants); a window of `ahead` images
 is kept in flight, so while the model generates micro-batch k, batches k+1.. are being fetched
 and decoded, and memory stays bounded however many images a job holds. Results come back in
 job order; an image's own failure is recorded on its state and never stops the stream, while
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 from PIL import Image
@@ -23,18 +24,19 @@ from PIL import Image
 from captioning import metrics
 from captioning.errors import ImageError
 from captioning.messages import JobItem
+from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
-from workers.runtimes.blip2 import CaptionModel
+from workers.runtimes.base import Annotation, Runtime, annotate_in_batches
 
 
 @dataclass
 class ItemState:
     """What we know about one item as it moves through the stages. The bytes are dropped
-    once decoded and the pixels once captioned, so a long job does not pile them up."""
+    once decoded and the pixels once annotated, so a long job does not pile them up."""
 
     item: JobItem
     location: ImageLocation | None = None
@@ -43,8 +45,9 @@ class ItemState:
     nbytes: int | None = None
     width: int | None = None
     height: int | None = None
-    pixels: ModelPixels | None = None
-    caption: str | None = None
+    #: kind -> the pixels its model takes, from one decode.
+    pixels: dict[str, ModelPixels] = field(default_factory=dict)
+    results: dict[str, Annotation] = field(default_factory=dict)
     error: ImageError | None = None
     digest: str | None = None
 
@@ -55,20 +58,43 @@ class ItemState:
 
 @dataclass(frozen=True)
 class Stages:
-    """What preparing an image needs: where to fetch, how to decode, which threads run it."""
+    """What preparing an image needs: where to fetch, how to decode (shrinking to no less
+    than `target_size`, None: full resolution) and into which kinds' pixels, which threads
+    run it."""
 
     stores: Stores
     max_bytes: int
     max_pixels: int
-    to_pixels: Callable[[Image.Image], ModelPixels]
-    target_size: int
+    to_pixels: Mapping[str, Callable[[Image.Image], ModelPixels]]
+    target_size: int | None
     io_pool: Executor
     decode_pool: Executor
+
+    @classmethod
+    def for_runtimes(
+        cls,
+        runtimes: Mapping[str, Runtime],
+        *,
+        stores: Stores,
+        settings: Settings,
+        io_pool: Executor,
+        decode_pool: Executor,
+    ) -> Stages:
+        """One decode per image at the resolution every kind accepts, then each kind's pixels."""
+        return cls(
+            stores=stores,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            to_pixels={kind: runtime.to_pixels for kind, runtime in runtimes.items()},
+            target_size=decode_size(runtimes.values()),
+            io_pool=io_pool,
+            decode_pool=decode_pool,
+        )
 
     def prepare(self, state: ItemState) -> None:
         """Fetch then decode one item (in an I/O thread), recording an image error on it."""
         assert state.location is not None
-        with metrics.STAGE_SECONDS.labels("fetch").time():
+        with metrics.STAGE_SECONDS.labels("fetch", metrics.SHARED).time():
             fetched = fetch_one(
                 self.stores, state.location, max_bytes=self.max_bytes,
                 version_id=state.item.version_id,
@@ -86,10 +112,10 @@ class Stages:
             state.error = exc
 
     def _decode(self, state: ItemState, data: bytes) -> None:
-        with metrics.STAGE_SECONDS.labels("decode").time():
+        with metrics.STAGE_SECONDS.labels("decode", metrics.SHARED).time():
             decoded = decode_image(data, max_pixels=self.max_pixels, target_size=self.target_size)
             state.width, state.height = decoded.width, decoded.height
-            state.pixels = self.to_pixels(decoded.image)
+            state.pixels = {kind: pixels(decoded.image) for kind, pixels in self.to_pixels.items()}
 
     def stream(self, states: Iterable[ItemState], ahead: int) -> Iterator[ItemState]:
         """Yield `states` in order, each prepared, with up to `ahead` in flight."""
@@ -112,11 +138,18 @@ class Stages:
                 future.cancel()
 
 
+def decode_size(runtimes: Iterable[Runtime]) -> int | None:
+    """The side decode may shrink images to: the largest any kind allows, or full resolution
+    (None) where one kind needs it."""
+    sizes = [runtime.decode_size for runtime in runtimes]
+    return None if None in sizes else max(size for size in sizes if size is not None)
+
+
 def micro_batches(
     states: Iterable[ItemState], size: Callable[[], int]
 ) -> Iterator[list[ItemState]]:
-    """Group the images that decoded into batches of `size()` (read per batch: the model may
-    lower it after running out of memory); failed ones are skipped, they need no model."""
+    """Group the images that decoded into batches of `size()` (read per batch: a model may
+    lower its own after running out of memory); failed ones are skipped, they need no model."""
     batch: list[ItemState] = []
     for state in states:
         if state.alive:
@@ -128,49 +161,62 @@ def micro_batches(
         yield batch
 
 
-def caption_stream(
+def annotate_stream(
     states: Sequence[ItemState],
     prompt: str,
-    model: CaptionModel,
+    runtimes: Mapping[str, Runtime],
     stages: Stages,
     turn: AbstractContextManager[object],
     *,
     lookahead: int,
-    earlier: EarlierCaptions | None = None,
+    earlier: Mapping[str, EarlierResults] | None = None,
 ) -> None:
-    """Caption `states` as their pixels arrive, `lookahead` images prepared ahead. The model
-    (`turn`) is taken once the first batch is ready and held to the last, so the jobs in
-    flight finish in the order they got it. With `earlier` (content dedupe), images whose
-    bytes already have a caption get it copied and skip the model."""
-    batches = micro_batches(stages.stream(states, lookahead), lambda: model.batch_size)
+    """Annotate `states` with every kind of `runtimes` as their pixels arrive, `lookahead`
+    images prepared ahead. The models (`turn`) are taken once the first batch is ready and
+    held to the last, so the jobs in flight finish in the order they got them. With
+    `earlier` (content dedupe), a kind's images whose bytes already have a result get it
+    copied and skip that model."""
+    if not runtimes:
+        return
+    earlier = earlier or {}
+    batches = micro_batches(
+        stages.stream(states, lookahead),
+        lambda: max(runtime.batch_size for runtime in runtimes.values()),
+    )
     first = next(batches, None)
     if first is None:
         return
     with turn:
-        for prepared in chain([first], batches):
-            batch = prepared if earlier is None else copy_earlier(prepared, earlier)
-            if not batch:
-                continue
-            with metrics.STAGE_SECONDS.labels("generate").time():
-                captions = model.generate([s.pixels for s in batch if s.pixels is not None], prompt)
-            metrics.BATCH_SIZE.observe(len(batch))
-            for state, caption in zip(batch, captions, strict=True):
-                state.caption, state.pixels = caption, None
+        for batch in chain([first], batches):
+            for kind, runtime in runtimes.items():
+                todo = batch if kind not in earlier else copy_earlier(batch, kind, earlier[kind])
+                if not todo:
+                    continue
+                with metrics.STAGE_SECONDS.labels("generate", kind).time():
+                    results = annotate_in_batches(runtime, [s.pixels[kind] for s in todo], prompt)
+                metrics.BATCH_SIZE.labels(kind).observe(len(todo))
+                for state, result in zip(todo, results, strict=True):
+                    state.results[kind] = result
+            for state in batch:
+                state.pixels = {}
 
 
-EarlierCaptions = Callable[[list[str]], dict[str, str]]
-"""content digests -> {digest: caption} of earlier `ok` rows for this job's model and prompt."""
+EarlierResults = Callable[[list[str]], dict[str, str]]
+"""content digests -> {digest: text} of earlier `ok` rows for this job's model and prompt."""
 
 
-def copy_earlier(batch: list[ItemState], earlier: EarlierCaptions) -> list[ItemState]:
-    """Give each image whose bytes were captioned before that caption; return the rest."""
+def copy_earlier(
+    batch: list[ItemState], kind: str, earlier: EarlierResults
+) -> list[ItemState]:
+    """Give each image whose bytes were annotated before by this kind's model that result;
+    return the rest, which still need the model."""
     found = earlier([state.digest for state in batch if state.digest])
     rest = []
     for state in batch:
-        caption = found.get(state.digest or "")
-        if caption is None:
+        text = found.get(state.digest or "")
+        if text is None:
             rest.append(state)
         else:
-            state.caption, state.pixels = caption, None
+            state.results[kind] = Annotation(text=text)
     metrics.DEDUPED.inc(len(batch) - len(rest))
     return rest

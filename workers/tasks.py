@@ -1,8 +1,10 @@
 """`captioning.caption_batch`: one CaptionJob, top to bottom.
 
-check URIs -> fetch + decode (threads, a window ahead of the model) -> generate (micro-batches,
-in order, one job on the model at a time) -> rows. Every item ends as exactly one row: an
-image's own problem becomes a `failed` row, while infrastructure failures raise TransientError
+check URIs -> route the job's kinds (workers/routing.py) -> fetch + decode once (threads, a
+window ahead of the models) -> each kind's model (micro-batches, in order, one job on the
+models at a time) -> rows -> forward the kinds served elsewhere. Every item ends as exactly
+one row per kind run or refused here: an image's own problem becomes a `failed` row, while
+infrastructure failures raise TransientError
 so the whole job is retried; rows are written before the task returns, and Celery acks only
 then (acks_late). Delivery counting, poison isolation and the redelivery skip wrap this task
 (workers/delivery.py). Under the threads pool a worker holds `jobs_in_flight` jobs sharing
@@ -12,31 +14,44 @@ one model, so one job's fetch, decode and write overlap another's generation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from celery import Task
 
 from captioning import metrics
+from captioning.broker import send_job
 from captioning.deadletters import DeadLetters
-from captioning.errors import ImageError, InvalidJob, ModelMismatch, TransientError
-from captioning.messages import TASK_NAME, CaptionJob
-from captioning.results import CaptionRow, Status, utcnow
+from captioning.errors import ImageError, InvalidJob, TransientError
+from captioning.kinds import CAPTION, row_prompt
+from captioning.messages import TASK_NAME, CaptionJob, kind_queue
+from captioning.results import CaptionRow, utcnow
 from captioning.settings import get_settings
 from captioning.uris import allowed_location
 from workers.app import app
 from workers.context import WorkerContext, get_context
 from workers.delivery import GuardedTask
-from workers.pipeline import ItemState, caption_stream
+from workers.pipeline import EarlierResults, ItemState, annotate_stream
 from workers.retry import backoff_seconds
+from workers.routing import plan
 
 log = logging.getLogger(__name__)
 
 MAX_JOB_RETRIES = get_settings().max_job_retries
 
 
-def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
-    """Run every stage and return one row per item; raise TransientError to retry the job."""
+@dataclass(frozen=True)
+class Outcome:
+    """A job's rows (one per item and kind it ran or refused here) and the one-kind jobs to
+    forward for the kinds another worker serves."""
+
+    rows: list[CaptionRow]
+    forward: list[tuple[str, CaptionJob]]
+
+
+def process_job(job: CaptionJob, ctx: WorkerContext, queue: str) -> Outcome:
+    """Run every stage and return the outcome; raise TransientError to retry the job."""
     settings = ctx.settings
     states = [ItemState(item) for item in job.items]
     for state in states:
@@ -44,46 +59,80 @@ def process_job(job: CaptionJob, ctx: WorkerContext) -> list[CaptionRow]:
             state.location = allowed_location(state.item.uri, settings)
         except ImageError as exc:
             state.error = exc
-    if job.model != ctx.model.name:
-        mismatch = ModelMismatch(
-            f"job asks for model {job.model!r}; this worker serves {ctx.model.name!r}: "
-            "run a worker with that CAPTIONER_MODEL, or enqueue with this one"
-        )
-        for state in states:
-            state.error = state.error or mismatch
-
-    earlier = None
-    if settings.content_dedupe:
-        earlier = lambda digests: ctx.results.earlier_captions(  # noqa: E731
-            digests, job.model, job.prompt
-        )
-    caption_stream(
-        [s for s in states if s.alive],
+    served = {kind: runtime.name for kind, runtime in ctx.runtimes.items()}
+    routes = plan(job.annotators, served, queue=queue)
+    runtimes = {kind: ctx.runtimes[kind] for kind in routes.run}
+    annotate_stream(
+        [s for s in states if s.alive] if runtimes else [],
         job.prompt,
-        ctx.model,
+        runtimes,
         ctx.stages,
         ctx.model_turn,
-        lookahead=max(2 * ctx.model.batch_size, settings.fetch_concurrency),
-        earlier=earlier,
+        lookahead=max(
+            max((2 * runtime.batch_size for runtime in runtimes.values()), default=0),
+            settings.fetch_concurrency,
+        ),
+        earlier=dedupe_lookups(ctx, routes.run, job.prompt),
     )
     finished = utcnow()
-    return [_row(state, job, ctx.name, finished) for state in states]
+    rows = [
+        _row(state, kind, model, job=job, worker=ctx.name, finished=finished)
+        for state in states
+        for kind, model in routes.run.items()
+    ] + [
+        _row(state, kind, model, job=job, worker=ctx.name, finished=finished, refused=error)
+        for state in states
+        for kind, (model, error) in routes.refuse.items()
+    ]
+    forward = [
+        (kind_queue(kind), CaptionJob.create(
+            items=job.items, annotators={kind: model}, prompt=job.prompt, source=job.source,
+            enqueued_at=job.enqueued_at,
+        ))
+        for kind, model in routes.forward.items()
+    ]
+    return Outcome(rows=rows, forward=forward)
 
 
-def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> CaptionRow:
+def dedupe_lookups(
+    ctx: WorkerContext, models: Mapping[str, str], prompt: str
+) -> dict[str, EarlierResults]:
+    """With CAPTIONER_CONTENT_DEDUPE, the caption kind looks up earlier captions of the same
+    bytes for its model and prompt. Other kinds (tags) always run: only text is copied."""
+    if not ctx.settings.content_dedupe or CAPTION.name not in models:
+        return {}
+    model, row_text_prompt = models[CAPTION.name], row_prompt(CAPTION.name, prompt)
+    return {CAPTION.name: lambda digests: ctx.results.earlier_captions(
+        digests, model, row_text_prompt
+    )}
+
+
+def _row(
+    state: ItemState,
+    kind: str,
+    model: str,
+    *,
+    job: CaptionJob,
+    worker: str,
+    finished: datetime,
+    refused: ImageError | None = None,
+) -> CaptionRow:
+    """The row of one item for one kind: its result, or `failed` with the item's own error
+    (or why this worker refused the kind)."""
+    result = None if refused is not None else state.results.get(kind)
+    ok = state.alive and result is not None
     location = state.location
-    status: Status = "ok" if state.alive and state.caption is not None else "failed"
     return CaptionRow(
         uri=state.item.uri,
         bucket=location.bucket if location else "",
         key=location.key if location else "",
         etag=state.etag if state.etag is not None else (state.item.etag or ""),
         version_id=state.version_id or state.item.version_id,
-        model=job.model,
-        prompt=job.prompt,
-        status=status,
-        caption=state.caption if status == "ok" else None,
-        error=None if status == "ok" else describe(state.error),
+        model=model,
+        prompt=row_prompt(kind, job.prompt),
+        status="ok" if ok else "failed",
+        caption=result.text if ok and result is not None else None,
+        error=None if ok else describe(state.error or refused),
         width=state.width,
         height=state.height,
         bytes=state.nbytes,
@@ -91,6 +140,8 @@ def _row(state: ItemState, job: CaptionJob, worker: str, finished: datetime) -> 
         finished_at=finished,
         worker=worker,
         content_digest=state.digest,
+        kind=kind,
+        tags=result.tags if ok and result is not None else None,
     )
 
 
@@ -118,9 +169,12 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
         return {"ok": 0, "failed": 0}
     try:
         ctx = get_context(settings)
-        rows = process_job(job, ctx)
-        with metrics.STAGE_SECONDS.labels("write").time():
-            ctx.writer.write(rows)
+        outcome = process_job(job, ctx, queue)
+        with metrics.STAGE_SECONDS.labels("write", metrics.SHARED).time():
+            ctx.writer.write(outcome.rows)
+        with self.app.producer_or_acquire() as producer:
+            for kind_queue_name, forwarded in outcome.forward:
+                send_job(self.app, forwarded, kind_queue_name, producer=producer)
     except Exception as exc:  # any failure is retried, then dead-lettered, never acked as done
         if self.request.retries >= MAX_JOB_RETRIES:
             DeadLetters(settings.broker_url).push(payload, reason=describe(exc), queue=queue)
@@ -134,18 +188,23 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
         log.warning("job failed (%s), retrying in %.1fs", describe(exc), countdown,
                     exc_info=not isinstance(exc, TransientError))
         raise self.retry(exc=exc, countdown=countdown) from exc
+    rows = outcome.rows
     _record(rows, job, queue)
+    if outcome.forward:
+        log.info("forwarded to %s", ", ".join(name for name, _ in outcome.forward))
     return {
         "ok": sum(row.status == "ok" for row in rows),
         "failed": sum(row.status == "failed" for row in rows),
+        "forwarded": len(outcome.forward),
     }
 
 
 def _record(rows: Sequence[CaptionRow], job: CaptionJob, queue: str) -> None:
     waited = max(0.0, utcnow().timestamp() - job.enqueued_at)
     for row in rows:
-        metrics.IMAGES.labels(row.status, queue).inc()
-        metrics.END_TO_END_SECONDS.labels(queue).observe(waited)
+        kind = row.kind or CAPTION.name
+        metrics.IMAGES.labels(row.status, queue, kind).inc()
+        metrics.END_TO_END_SECONDS.labels(queue, kind).observe(waited)
         if row.status == "failed" and row.error:
-            metrics.IMAGE_ERRORS.labels(row.error.split(":", 1)[0]).inc()
+            metrics.IMAGE_ERRORS.labels(row.error.split(":", 1)[0], kind).inc()
     metrics.JOBS.labels("done", queue).inc()

@@ -1,5 +1,6 @@
 """Writing results: the database rows first (the system of record), then the copy in S3:
-one JSON sidecar per image, or one Parquet object per job (`CAPTIONER_RESULTS_FORMAT`)."""
+one JSON sidecar per image and kind, or one Parquet object per job and model
+(`CAPTIONER_RESULTS_FORMAT`)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ class ResultWriter:
         if root is None or not rows:
             return
         store = self._stores.for_location(root)
-        if self._format == "parquet":
-            store.put(root.bucket, job_object_key(root.key, rows), parquet_bytes(rows),
-                      PARQUET_TYPE)
+        if self._format == "parquet":  # one object per model of the job (kinds differ)
+            for model in dict.fromkeys(row.model for row in rows):
+                mine = [row for row in rows if row.model == model]
+                store.put(root.bucket, job_object_key(root.key, mine), parquet_bytes(mine),
+                          PARQUET_TYPE)
             return
         futures = [
             self._executor.submit(

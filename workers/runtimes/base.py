@@ -15,22 +15,27 @@ from workers.pixels import ModelPixels
 
 @dataclass(frozen=True)
 class Annotation:
-    """One image's result from one model kind: `text` goes in the row's `caption`."""
+    """One image's result from one model kind: `text` goes in the row's `caption`, the
+    other fields in their own columns (None where the kind has none)."""
 
     text: str
+    tags: dict[str, dict[str, float]] | None = None
 
 
 class Runtime(Protocol):
     """A model loaded once per worker process on one device.
 
-    `name` is the annotator's id, stored in each row's `model`; `image_size` is the
-    resolution decode must keep at least (JPEG draft mode); `batch_size` may shrink after
-    an out-of-memory error, so callers read it per micro-batch.
+    `name` is the annotator's id, stored in each row's `model`; `image_size` the side of
+    the square it takes; `decode_size` the side decode may shrink an image to before
+    `to_pixels` (JPEG draft mode, box reduce), or None where the kind's preprocessing must
+    see the full-resolution image to be exact; `batch_size` may shrink after an
+    out-of-memory error, so callers read it per micro-batch.
     """
 
     name: str
     is_placeholder: bool
     image_size: int
+    decode_size: int | None
     batch_size: int
 
     @classmethod
@@ -45,3 +50,16 @@ class Runtime(Protocol):
     def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
         """Results for one micro-batch, in order (preprocess -> predict -> postprocess)."""
         ...
+
+
+def annotate_in_batches(
+    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str
+) -> list[Annotation]:
+    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch)."""
+    results: list[Annotation] = []
+    start = 0
+    while start < len(pixels):
+        size = runtime.batch_size
+        results.extend(runtime.annotate(pixels[start : start + size], prompt))
+        start += size
+    return results

@@ -21,7 +21,7 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation
+from workers.runtimes.base import Annotation, annotate_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class CaptionModel:
         self.dtype = dtype
         self.pixel_spec = PixelSpec.from_processor(processor.image_processor)
         self.image_size: int = model.config.vision_config.image_size
+        # The processor's resize is approximated anyway (tests/test_pixels.py): decode may
+        # shrink to the model's size first, which is most of the decode time saved.
+        self.decode_size: int | None = self.image_size
         if self.pixel_spec.size != self.image_size:
             raise ModelLoadError(
                 f"processor resizes to {self.pixel_spec.size}px but the vision tower of "
@@ -176,13 +179,7 @@ class CaptionModel:
 
     def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:
         """Captions for `pixels`, in order, in micro-batches of `batch_size`."""
-        captions: list[str] = []
-        start = 0
-        while start < len(pixels):
-            size = self.batch_size
-            captions.extend(self.generate(pixels[start : start + size], prompt))
-            start += size
-        return captions
+        return [result.text for result in annotate_in_batches(self, pixels, prompt)]
 
     def caption(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
         """Captions for decoded images, in order (the worker feeds `caption_pixels` from its

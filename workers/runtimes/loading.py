@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.constants import is_offline_mode
 from transformers import BitsAndBytesConfig
 
@@ -79,6 +79,28 @@ def resolve_source(model: str, *, setting: str, files: Sequence[str] | None = No
             f"{setting} at a local directory"
         )
     return Source(model, local_only=False)
+
+
+def fetch_files(source: Source, names: Sequence[str], *, setting: str) -> dict[str, Path]:
+    """Local paths of `names` from a directory or a Hub repo (downloaded unless local only)."""
+    paths: dict[str, Path] = {}
+    for name in names:
+        try:
+            if Path(source.location).is_dir():
+                path = Path(source.location) / name
+                if not path.is_file():
+                    raise FileNotFoundError(f"no {name} in {source.location}")
+            else:
+                path = Path(hf_hub_download(
+                    source.location, name, local_files_only=source.local_only
+                ))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{setting}={source.location!r}: cannot get {name} ({exc}); it needs "
+                f"{', '.join(names)}"
+            ) from exc
+        paths[name] = path
+    return paths
 
 
 def weights_cached(

@@ -7,6 +7,9 @@ seed, saved the way a real checkpoint is published, and loaded back through the 
 
 from __future__ import annotations
 
+import csv
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +175,85 @@ def tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
     )
 
 
+TINY_TAGGER = "tiny-random-wd14"
+TAGGER_NOTICE = (
+    f"CAPTIONER_TAGGER_MODEL={TINY_TAGGER} has random weights: its tags are noise, meant for "
+    "tests and offline demos only. For real tags set "
+    "CAPTIONER_TAGGER_MODEL=SmilingWolf/wd-vit-tagger-v3 (or a directory holding its "
+    "model.onnx and selected_tags.csv)."
+)
+_TINY_TAGGER_SIZE = 32
+#: (name, category) as in a tagger's selected_tags.csv: 9 rating, 0 general, 4 character.
+_TINY_TAGS = (
+    *((name, 9) for name in ("general", "sensitive", "questionable", "explicit")),
+    *((name, 0) for name in (
+        "1girl", "solo", "outdoors", "sky", "cloud", "tree", "smile", "long_hair",
+        "no_humans", "animal", "cat", "food", "cup", "star_(sky)", "^_^", "space",
+    )),
+    *((name, 4) for name in ("hatsune_miku", "kirby", "pikachu")),
+)
+
+
+class TinyTaggerNet(torch.nn.Module):
+    """What a v3 tagger graph does at its edges: NHWC BGR float 0-255 in, one sigmoid
+    probability per tag out; a patch embedding and a linear head in between."""
+
+    def __init__(self, tags: int, width: int = 16) -> None:
+        super().__init__()
+        self.patches = torch.nn.Conv2d(3, width, kernel_size=8, stride=8)
+        self.head = torch.nn.Linear(width, tags)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.patches(images.permute(0, 3, 1, 2) / 255.0)
+        pooled = torch.nn.functional.gelu(features).mean(dim=(2, 3))
+        return torch.sigmoid(self.head(pooled))
+
+
+def export_tagger(net: torch.nn.Module, size: int, path: Path) -> Path:
+    """`net` as a tagger's model.onnx: input `input` (batch, size, size, 3), dynamic batch."""
+    example = torch.zeros(2, size, size, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet = logging.getLogger("torch.onnx")
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            program = torch.onnx.export(
+                net.eval(),
+                (example,),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+                verbose=False,
+            )
+        finally:
+            quiet.level = level
+    assert program is not None
+    program.save(str(path))
+    return path
+
+
+def write_tag_list(tags: tuple[tuple[str, int], ...], path: Path) -> Path:
+    """A selected_tags.csv with the real file's columns."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for tag_id, (name, category) in enumerate(tags):
+            writer.writerow([tag_id, name, category, 1000 - tag_id])
+    return path
+
+
+def build_tiny_wd14(directory: Path, *, seed: int = 0) -> Path:
+    """Save a tiny random WD14 tagger (model.onnx + selected_tags.csv) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = TinyTaggerNet(len(_TINY_TAGS))
+    torch.nn.init.normal_(net.head.weight, std=4.0)  # spread the probabilities over 0..1
+    export_tagger(net, _TINY_TAGGER_SIZE, directory / "model.onnx")
+    write_tag_list(_TINY_TAGS, directory / "selected_tags.csv")
+    return directory
+
+
 @dataclass(frozen=True)
 class Twin:
     """How to build a tiny model into a directory, and the warning it logs when loaded."""
@@ -181,4 +263,7 @@ class Twin:
 
 
 #: Model setting value -> its tiny twin. Any other value is a real model (id or directory).
-TWINS: dict[str, Twin] = {TINY_MODEL: Twin(build_tiny_blip2, PLACEHOLDER_NOTICE)}
+TWINS: dict[str, Twin] = {
+    TINY_MODEL: Twin(build_tiny_blip2, PLACEHOLDER_NOTICE),
+    TINY_TAGGER: Twin(build_tiny_wd14, TAGGER_NOTICE),
+}
