@@ -25,7 +25,7 @@ from captioning import metrics
 from captioning.errors import ConfigError
 from captioning.exporting import Selection, count, export
 from captioning.messages import CaptionJob, JobItem
-from captioning.parquet import ROW_SCHEMA, job_object_key, model_dir
+from captioning.parquet import ROW_SCHEMA, job_object_key, model_dir, rows_table
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from captioning.storage import S3Store
@@ -273,3 +273,19 @@ def test_cost_model_counts_a_put_per_image_for_sidecars_and_per_job_for_parquet(
     assert sidecar.dollars(prices)["PUT"] == pytest.approx(5.0)
     assert sidecar.dollars(prices)["GPU"] == pytest.approx(1_000_000 / 300 / 3600 * 3.0)
     assert parquet.output_bytes < sidecar.output_bytes
+
+
+def test_compact_form_carries_kinds_and_parquet_keeps_tags() -> None:
+    job = CaptionJob(items=(JobItem(uri="s3://b/d/a.jpg", etag="e"),),
+                     kinds={"caption": "m", "tags": "t"}, source="cli")
+    message = json.loads(json.dumps(job.to_message()))
+    assert "model" not in message and message["kinds"] == {"caption": "m", "tags": "t"}
+    assert CaptionJob.from_message(message) == job
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    tagged = CaptionRow(uri="s3://b/d/a.jpg", bucket="b", key="d/a.jpg", etag="e",
+                        version_id=None, model="t", prompt="", status="ok", caption="cat",
+                        error=None, width=1, height=1, bytes=1, enqueued_at=when,
+                        finished_at=when, worker="w", kind="tags",
+                        tags={"general": {"cat": 0.9}, "rating": {"general": 0.8}})
+    (record,) = rows_table([tagged]).to_pylist()
+    assert {k: dict(v) for k, v in record["tags"]} == tagged.tags
