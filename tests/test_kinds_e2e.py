@@ -92,6 +92,14 @@ def sidecar(s3, key: str, timeout: float = 30) -> dict[str, object]:
             time.sleep(0.2)
 
 
+def scrape_until(port: int, name: str, timeout: float = 30) -> dict[str, float]:
+    """The worker counts an image just after its row is committed: wait for the counter."""
+    deadline = time.monotonic() + timeout
+    while name not in (metrics := scrape(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return metrics
+
+
 def by_kind(rows: list[CaptionRow]) -> dict[str, dict[str, CaptionRow]]:
     grouped: dict[str, dict[str, CaptionRow]] = {}
     for row in rows:
@@ -147,8 +155,8 @@ def test_backfill_with_two_kinds_leaves_a_row_per_kind(
     caption_record = sidecar(s3, f"captions/photos/{rocket.key}.json")
     assert caption_record["caption"] == kinds["caption"][rocket.uri].caption
 
-    metrics = scrape(kinds_settings.metrics_port)
     ok = 'captioner_images_total{kind="%s",queue="captions.bulk",status="ok"}'
+    metrics = scrape_until(kinds_settings.metrics_port, ok % "tags")
     assert metrics[ok % "tags"] >= len(uris) - 1
     assert metrics[ok % "caption"] >= len(uris) - 1
     assert metrics['captioner_stage_seconds_count{kind="tags",stage="generate"}'] >= 1
