@@ -147,7 +147,7 @@ def upgrade_keeps_old_rows(store: ResultsStore) -> None:
             "'m', '', 'ok', 'an old caption', NULL, 1, 1, 1, 1, NULL, '2024-01-01 00:00:00+00', "
             "'w')"
         ))
-    assert store.create_schema() == ["kind", "tags"]
+    assert store.create_schema() == ["content_digest", "kind", "tags"]
     assert store.create_schema() == []
     [old] = store.rows()
     assert old.caption == "an old caption" and old.kind is None and old.tags is None
