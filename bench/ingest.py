@@ -373,7 +373,8 @@ def upload(s3, results: ResultsStore, port: int, photo: bytes, key: str) -> floa
     )
     assert connection.getresponse().status == 200
     connection.close()
-    while not results.rows(prefix=f"s3://uploads/{key}"):
+    # The listener writes a pending row before it answers; wait for the worker's result.
+    while not results.rows(prefix=f"s3://uploads/{key}", status="ok"):
         time.sleep(0.01)
     return time.perf_counter() - started
 

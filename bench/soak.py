@@ -4,12 +4,17 @@
     python bench/soak.py --images 1000 --redis-restart
 
 Everything runs on private services on 127.0.0.1 (redis-server, SeaweedFS, a PostgreSQL 15
-cluster), started and broken here. The faults, by progress through the run:
+cluster), started and broken here. Workers run with the default job limits, so the
+visibility timeout is the default one (about 20 minutes): a whole worker's job can only come
+back in time through the heartbeat. The faults, by progress through the run:
 
     every --kill-every s   SIGKILL one worker's pool process (the OOM killer)
+    every --worker-kill-every s  SIGKILL the whole process group of a worker holding a job
+                           (spot VM gone), then start it again; the time from the kill until
+                           every image of the jobs it held has a row and the jobs are acked
+                           is reported per kill
     at 20%                 object store down for --outage s, then back on the same port
     at 45%                 database stopped for 8 s, then started again
-    at 65%                 a whole worker SIGKILLed (spot VM gone), started again
     at 80% (--redis-restart) Redis killed and started empty; the backfill is run again
 
 Drained means every image has a row; when the queues are empty and rows are still missing
@@ -21,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,12 +45,29 @@ from sqlalchemy import func, select
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from captioning.keys import HEARTBEATS_KEY, UNACKED_KEY, held_key  # noqa: E402
+from captioning.queues import job_of  # noqa: E402
 from captioning.results import ResultsStore, captions  # noqa: E402
+from captioning.settings import Settings  # noqa: E402
 from tests.faults import PrivatePostgres, RedisServer, Worker, wait_until  # noqa: E402
 from tests.services import SeaweedS3  # noqa: E402
 
 BUCKET = "photos"
 PREFIX = "soak/"
+
+
+@dataclass
+class WorkerKill:
+    """A whole worker killed while holding jobs, and when their images all had rows."""
+
+    at: float
+    tags: list[str]
+    uris: list[str]
+    recovered_at: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.recovered_at is None else self.recovered_at - self.at
 
 
 @dataclass
@@ -54,7 +79,10 @@ class Soak:
     db: PrivatePostgres
     workers: list[Worker] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
+    kills: list[WorkerKill] = field(default_factory=list)
     enqueued: int = 0
+    #: Images missing when the queues ran empty, enqueued again by a backfill.
+    found_by_backfill: int = 0
     starts: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -71,8 +99,6 @@ class Soak:
             "CAPTIONER_MODEL": "tiny-random-blip2",
             "CAPTIONER_BATCH_SIZE": "8",
             "CAPTIONER_MAX_NEW_TOKENS": "8",
-            "CAPTIONER_JOB_TIME_LIMIT_S": "60",
-            "CAPTIONER_RETRY_BACKOFF_MAX_S": "8",
         }
 
     def log(self, message: str) -> None:
@@ -100,6 +126,60 @@ class Soak:
         else:
             self.workers.append(worker)
         worker.start()
+
+
+def held_by(soak: Soak, worker: Worker) -> list[str]:
+    """Delivery tags the worker's main process holds, from its heartbeat entry."""
+    client = soak.redis.client()
+    for member in client.zrange(HEARTBEATS_KEY, 0, -1):
+        worker_id = member.decode()
+        if worker_id.split(":")[1] == str(worker.pid):
+            return [tag.decode() for tag in client.smembers(held_key(worker_id))]
+    return []
+
+
+def uris_of(soak: Soak, tags: list[str]) -> list[str]:
+    client = soak.redis.client()
+    uris = []
+    for raw in client.hmget(UNACKED_KEY, tags):
+        job = job_of(json.dumps(json.loads(raw)[0])) if raw else None
+        uris += [item["uri"] for item in (job or {}).get("items", [])]
+    return uris
+
+
+def kill_whole_worker(soak: Soak) -> None:
+    """SIGKILL the process group of a worker that holds a job, then start it again."""
+    holding = [(index, held_by(soak, worker)) for index, worker in enumerate(soak.workers)]
+    holding = [(index, tags) for index, tags in holding if tags]
+    if not holding:
+        return
+    index, tags = random.choice(holding)
+    uris = uris_of(soak, tags)
+    worker = soak.workers[index]
+    os.killpg(worker.pid, signal.SIGKILL)
+    soak.kills.append(WorkerKill(time.monotonic(), tags, uris))
+    worker.process.wait(timeout=30)
+    soak.fault(f"whole worker {index} SIGKILLed holding {len(tags)} job(s) of {len(uris)} "
+               "images (spot VM gone), then started again")
+    soak.start_worker(index)
+
+
+def watch_kills(soak: Soak, results: ResultsStore, stop: threading.Event) -> None:
+    """Stamp each kill when all its images have rows and its jobs left `unacked`."""
+    while not stop.wait(0.25):
+        for kill in soak.kills:
+            if kill.recovered_at is not None:
+                continue
+            try:
+                with results.engine.connect() as conn:
+                    found = conn.execute(select(func.count(captions.c.uri.distinct())).where(
+                        captions.c.uri.in_(kill.uris))).scalar_one()
+                acked = not any(soak.redis.client().hmget(UNACKED_KEY, kill.tags))
+            except Exception:
+                continue
+            if found == len(set(kill.uris)) and acked:
+                kill.recovered_at = time.monotonic()
+                soak.log(f"kill recovered: rows and ack {kill.seconds:.1f} s after the kill")
 
 
 def make_images(count: int, seed: int = 7) -> list[bytes]:
@@ -155,10 +235,11 @@ def queues_idle(soak: Soak) -> bool:
 
 def run(soak: Soak, results: ResultsStore, total: int) -> None:
     args = soak.args
-    schedule = [(0.20, "s3"), (0.45, "db"), (0.65, "worker")]
+    schedule = [(0.20, "s3"), (0.45, "db")]
     if args.redis_restart:
         schedule.append((0.80, "redis"))
     next_kill = time.monotonic() + args.kill_every
+    next_worker_kill = time.monotonic() + args.worker_kill_every
     idle_since: float | None = None
     deadline = time.monotonic() + args.timeout
     while True:
@@ -177,10 +258,14 @@ def run(soak: Soak, results: ResultsStore, total: int) -> None:
             if soak.workers[victim].kill_pool():
                 soak.fault(f"SIGKILL pool process of worker {victim} ({distinct}/{total} done)")
             next_kill = time.monotonic() + args.kill_every
+        if time.monotonic() >= next_worker_kill:
+            kill_whole_worker(soak)
+            next_worker_kill = time.monotonic() + args.worker_kill_every
         if queues_idle(soak):
             idle_since = idle_since or time.monotonic()
             if time.monotonic() - idle_since > 15:
                 soak.log(f"queues empty with {total - distinct} images missing: backfill again")
+                soak.found_by_backfill += total - distinct
                 soak.backfill()
                 idle_since = None
         else:
@@ -201,15 +286,29 @@ def inject(soak: Soak, fault: str, args: argparse.Namespace) -> None:
         time.sleep(8)
         soak.db.start()
         soak.log("database back")
-    elif fault == "worker":
-        soak.fault("whole worker 1 SIGKILLed (spot VM gone), then started again")
-        soak.workers[1].kill_all()
-        soak.start_worker(1)
     elif fault == "redis":
         soak.fault("Redis killed and started empty")
         soak.redis.kill()
         time.sleep(2)
         soak.redis.start()
+
+
+def settings_of(env: dict[str, str]) -> dict[str, str]:
+    return {name.removeprefix("CAPTIONER_").lower(): value for name, value in env.items()
+            if name.startswith("CAPTIONER_")}
+
+
+def report_kills(kills: list[WorkerKill], settings: Settings) -> None:
+    print(f"\nwhole-worker kills: {len(kills)} (heartbeat TTL {settings.heartbeat_ttl_s} s, "
+          f"visibility timeout {settings.visibility_timeout_s} s)")
+    print(f"{'kill':>4} {'jobs':>5} {'images':>7} {'kill to rows (s)':>17}")
+    for number, kill in enumerate(kills, 1):
+        took = "never" if kill.seconds is None else f"{kill.seconds:.1f}"
+        print(f"{number:>4} {len(kill.tags):>5} {len(kill.uris):>7} {took:>17}")
+    times = [kill.seconds for kill in kills if kill.seconds is not None]
+    if times:
+        median = sorted(times)[len(times) // 2]
+        print(f"longest kill to rows: {max(times):.1f} s; median {median:.1f} s")
 
 
 def main() -> int:
@@ -218,6 +317,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--job-size", type=int, default=16, help="images per job")
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills")
+    parser.add_argument("--worker-kill-every", type=float, default=60.0,
+                        help="seconds between whole-worker kills")
     parser.add_argument("--outage", type=float, default=20.0, help="object store outage, s")
     parser.add_argument("--redis-restart", action="store_true", help="also restart Redis")
     parser.add_argument("--timeout", type=float, default=3600.0)
@@ -241,6 +342,9 @@ def main() -> int:
             soak.start_worker(index)
         soak.started = time.monotonic()
         soak.backfill()
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_kills, args=(soak, results, stop), daemon=True)
+        watcher.start()
         run(soak, results, args.images)
         drained = time.monotonic() - soak.started
         wait_until(lambda: queues_idle(soak), 120, "the queues to empty")
@@ -255,7 +359,12 @@ def main() -> int:
             f"drained in {drained:.0f} s ({args.images / drained:.1f} images/s)"
         )
         print(f"rows written more than once (captioned again after a fault): {again}")
-        return 0 if distinct == args.images and rows == distinct else 1
+        print(f"images whose jobs Redis lost, found again by a backfill: {soak.found_by_backfill}")
+        stop.set()
+        watcher.join()
+        report_kills(soak.kills, Settings(**settings_of(soak.env)))
+        recovered = all(kill.seconds is not None for kill in soak.kills)
+        return 0 if distinct == args.images and rows == distinct and recovered else 1
     finally:
         for worker in soak.workers:
             worker.kill_all()

@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from captioning.errors import BrokerUnavailable
-from captioning.keys import UNACKED_KEY
+from captioning.keys import UNACKED_INDEX_KEY, UNACKED_KEY
 from captioning.messages import BULK_QUEUE, TASK_NAME, CaptionJob
 from captioning.settings import Settings
 
@@ -42,18 +42,25 @@ COMMAND_PUBLISH_RETRY_POLICY = {
 COMMAND_SOCKET_TIMEOUT_S = 5.0
 
 
+UNACKED_MUTEX_EXPIRE_S = 15
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         # Serve captions.realtime before captions.bulk: BRPOP in the listed order.
         "queue_order_strategy": "priority",
         # Named here so the exporter and `status` read the very hash kombu writes.
         "unacked_key": UNACKED_KEY,
+        "unacked_index_key": UNACKED_INDEX_KEY,
         # Longer than the longest job plus its longest retry countdown (celery#5935).
         "visibility_timeout": settings.visibility_timeout_s,
-        # Sweep for messages of vanished workers often enough that recovery takes about one
-        # visibility timeout, not kombu's default of up to 100 s more.
-        "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+        # The sweep restores what the heartbeat reaper released (captioning/heartbeats.py)
+        # and what outlived the visibility timeout: often, so a vanished worker's job is
+        # back within seconds of its heartbeat expiring.
+        "unacked_restore_interval": restore_interval_s(settings.heartbeat_ttl_s),
         "unacked_restore_throttle": 1,
+        # The sweep's lock outlives a worker killed while sweeping for this long, not 5 min.
+        "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
         # Notice a broker that vanished without closing the socket (failover, NAT timeout).
         "socket_keepalive": True,
         # Bodies are JSON text: kombu's default base64 would add a third to every message.
@@ -95,8 +102,8 @@ def broker_transport(broker_url: str) -> str | None:
     return None
 
 
-def restore_interval_s(visibility_timeout_s: int) -> int:
-    return max(1, min(10, visibility_timeout_s // 5))
+def restore_interval_s(heartbeat_ttl_s: int) -> int:
+    return max(1, min(5, heartbeat_ttl_s // 4))
 
 
 def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:

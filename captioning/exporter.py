@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
+from captioning.durability import read_durability
 from captioning.messages import WAITING_QUEUES
 from captioning.queues import inflight_stats, queue_stats_for
 
@@ -73,6 +74,24 @@ class QueueCollector(Collector):
         )
         yield GaugeMetricFamily(
             "captioner_dead_letter_messages", "Jobs in captions.dead.", value=len(self._dead)
+        )
+        yield from durability_families(self._client)
+
+
+def durability_families(client: redis.Redis) -> Iterator[GaugeMetricFamily]:
+    """Whether Redis can lose queued jobs; a series is left out when Redis will not say."""
+    durability = read_durability(client)
+    if durability.evicts is not None:
+        yield GaugeMetricFamily(
+            "captioner_broker_evicts",
+            "1 if Redis evicts keys when full (maxmemory-policy is not noeviction).",
+            value=int(durability.evicts),
+        )
+    if durability.persists is not None:
+        yield GaugeMetricFamily(
+            "captioner_broker_persists",
+            "1 if Redis writes its data to disk (AOF or RDB snapshots).",
+            value=int(durability.persists),
         )
 
 

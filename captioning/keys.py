@@ -12,6 +12,17 @@ from __future__ import annotations
 #: writes.
 UNACKED_KEY = "unacked"
 
+#: kombu's zset of reserved messages scored by delivery time; its sweep restores those older
+#: than the visibility timeout. Passed to the transport as `unacked_index_key`; the heartbeat
+#: reaper sets a vanished worker's entries to 0 (captioning/heartbeats.py).
+UNACKED_INDEX_KEY = "unacked_index"
+
+#: Zset of consuming worker processes, scored by their last heartbeat (Redis server time).
+HEARTBEATS_KEY = "captioner:heartbeats"
+
+#: Lock (SET NX PX) held by the one process sweeping pending uploads (captioning/reconcile.py).
+RECONCILER_LOCK_KEY = "captioner:reconciler"
+
 #: Jobs that kept failing: a plain list, not a Celery queue, so no worker consumes it.
 DEAD_QUEUE = "captions.dead"
 
@@ -23,6 +34,7 @@ HEALTH_PREFIX = "captioner:health:"
 SEEN_PREFIX = "captioner:seen:"
 DELIVERIES_PREFIX = "captioner:deliveries:"
 DONE_PREFIX = "captioner:done:"
+HELD_PREFIX = "captioner:held:"
 
 
 def health_key(host: str) -> str:
@@ -43,3 +55,8 @@ def deliveries_key(task_id: str) -> str:
 def done_key(task_id: str) -> str:
     """Set once a job's rows are written, so a redelivery is acked without running again."""
     return DONE_PREFIX + task_id
+
+
+def held_key(worker_id: str) -> str:
+    """Delivery tags a worker process holds unacked, for the heartbeat reaper."""
+    return HELD_PREFIX + worker_id

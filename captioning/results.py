@@ -2,6 +2,11 @@
 
 One row per (uri, etag, model, prompt), keyed by a hash of those four so every write is an
 idempotent upsert: a redelivered job rewrites its rows instead of adding new ones.
+
+A `pending` row is an upload a listener accepted and has not seen a result for yet: written
+before the listener acknowledges, so the upload survives a Redis that loses its queues (the
+reconciler sends it again). Its `attempts` is 0 and its `finished_at` is when it was last
+handed to the queue; the worker's `ok` or `failed` row replaces it under the same key.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     create_engine,
+    delete,
     event,
+    exists,
     func,
     inspect,
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -39,7 +48,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from captioning.errors import ConfigError, DatabaseUnavailable
 from captioning.kinds import CAPTION
 
-Status = Literal["ok", "failed"]
+Status = Literal["ok", "failed", "pending"]
+PENDING: Status = "pending"
 
 NO_TABLE = (
     "the captions table does not exist in CAPTIONER_DATABASE_URL: "
@@ -197,13 +207,17 @@ class ResultsStore:
         if not present:
             raise ConfigError(NO_TABLE)
 
-    def upsert(self, rows: Sequence[CaptionRow]) -> None:
-        if not rows:
-            return
+    def _insert(self, rows: Sequence[CaptionRow]) -> Any:
+        """An INSERT of `rows` in this database's dialect, which knows ON CONFLICT."""
         values = [{"id": row.row_id, **asdict(row)} for row in rows]
         dialect = self.engine.dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(captions).values(values)
+        return insert(captions).values(values)
+
+    def upsert(self, rows: Sequence[CaptionRow]) -> None:
+        if not rows:
+            return
+        statement = self._insert(rows)
         updated = {
             column.name: statement.excluded[column.name]
             for column in captions.columns
@@ -215,12 +229,61 @@ class ResultsStore:
             conn.execute(statement)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
-        """One query per page of candidates: backfills ask about 1,000 keys at once."""
+        """Ids with a result (pending ones have none), one query per page of candidates:
+        backfills ask about 1,000 keys at once."""
         if not ids:
             return set()
+        query = select(captions.c.id).where(
+            captions.c.id.in_(list(ids)), captions.c.status != PENDING
+        )
         with self._connection(write=False) as conn:
-            result = conn.execute(select(captions.c.id).where(captions.c.id.in_(list(ids))))
-            return {found for (found,) in result}
+            return {found for (found,) in conn.execute(query)}
+
+    def record_pending(self, rows: Sequence[CaptionRow]) -> None:
+        """Insert `pending` rows; a row already there (a result, or pending) is left alone."""
+        if not rows:
+            return
+        statement = self._insert(rows).on_conflict_do_nothing(index_elements=["id"])
+        with self._connection(write=True) as conn:
+            conn.execute(statement)
+
+    def pending_before(self, moment: datetime, limit: int) -> list[CaptionRow]:
+        """Pending rows last handed to the queue before `moment`, oldest first."""
+        query = (
+            select(*(c for c in captions.columns if c.name != "id"))
+            .where(captions.c.status == PENDING, captions.c.finished_at < moment)
+            .order_by(captions.c.finished_at)
+            .limit(limit)
+        )
+        with self._connection(write=False) as conn:
+            return [CaptionRow(**row._mapping) for row in conn.execute(query)]
+
+    def mark_requeued(self, rows: Sequence[CaptionRow], moment: datetime) -> None:
+        ids = [row.row_id for row in rows]
+        statement = (
+            update(captions)
+            .where(captions.c.id.in_(ids), captions.c.status == PENDING)
+            .values(finished_at=moment)
+        )
+        with self._connection(write=True) as conn:
+            conn.execute(statement)
+
+    def settle_pending(self) -> int:
+        """Delete pending rows that a result for the same image made moot: one written under
+        another etag (the event had none, or the object changed) after the upload came in."""
+        result_row = captions.alias("result")
+        superseded = exists().where(
+            and_(
+                result_row.c.uri == captions.c.uri,
+                result_row.c.model == captions.c.model,
+                result_row.c.prompt == captions.c.prompt,
+                result_row.c.status != PENDING,
+                result_row.c.finished_at >= captions.c.enqueued_at,
+            )
+        )
+        statement = delete(captions).where(captions.c.status == PENDING, superseded)
+        with self._connection(write=True) as conn:
+            return int(conn.execute(statement).rowcount or 0)
 
     def rows(
         self,

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     retry_backoff_max_s: int = Field(default=120, ge=1)
     max_job_retries: int = Field(default=10, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
+    # A worker silent this long is taken for gone and its jobs go back to their queues.
+    # Longer than any pause a live worker survives (GC, a Redis blip); far below 60 s.
+    heartbeat_ttl_s: int = Field(default=20, ge=2, le=3600)
+    # An accepted upload with no result this long after it was queued is queued again.
+    pending_requeue_after_s: int = Field(default=300, ge=1)
 
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     webhook_secret: SecretStr | None = None

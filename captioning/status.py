@@ -1,4 +1,5 @@
-"""`captioner status`: one snapshot of queues, workers, throughput and backfills.
+"""`captioner status`: one snapshot of queues, workers, throughput, backfills, and whether
+Redis can lose queued jobs.
 
 Everything is read, nothing consumed: queue lists are sampled (captioning/queues.py), workers
 answer a Celery broadcast ping, throughput comes from the results table's `finished_at`.
@@ -13,10 +14,11 @@ from datetime import timedelta
 from captioning.broker import create_app
 from captioning.checkpoints import Checkpoint, Checkpoints
 from captioning.connections import redis_client
+from captioning.durability import read_durability
 from captioning.keys import UNACKED_KEY
 from captioning.messages import WAITING_QUEUES
 from captioning.queues import QueueStats, queue_stats_for
-from captioning.results import ResultsStore, utcnow
+from captioning.results import PENDING, ResultsStore, utcnow
 from captioning.settings import Settings
 
 PING_TIMEOUT_S = 1.0
@@ -41,6 +43,8 @@ class StatusReport:
     totals: dict[str, int]
     recent: Throughput
     backfills: list[Checkpoint]
+    #: What makes this Redis able to lose queued jobs (eviction, no persistence).
+    broker_warnings: list[str]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -50,12 +54,14 @@ class StatusReport:
             "results": {
                 "ok": self.totals.get("ok", 0),
                 "failed": self.totals.get("failed", 0),
+                "pending": self.totals.get(PENDING, 0),
                 "window_s": self.recent.window_s,
                 "recent_ok": self.recent.ok,
                 "recent_failed": self.recent.failed,
                 "per_second": round(self.recent.per_second, 3),
             },
             "backfills": [asdict(checkpoint) for checkpoint in self.backfills],
+            "broker_warnings": self.broker_warnings,
         }
 
 
@@ -71,6 +77,7 @@ def collect_status(settings: Settings, *, window_s: int) -> StatusReport:
             totals=results.status_counts(),
             recent=Throughput(window_s, recent.get("ok", 0), recent.get("failed", 0)),
             backfills=Checkpoints(client).all(),
+            broker_warnings=read_durability(client).warnings(),
         )
     finally:
         client.close()
@@ -85,7 +92,8 @@ def online_workers(settings: Settings) -> list[str]:
 
 
 def format_status(report: StatusReport) -> str:
-    lines = [f"{'queue':<20} {'jobs':>8} {'images':>9} {'oldest (s)':>11}"]
+    lines = [f"warning: {warning}" for warning in report.broker_warnings]
+    lines.append(f"{'queue':<20} {'jobs':>8} {'images':>9} {'oldest (s)':>11}")
     for name, stats in report.queues.items():
         lines.append(f"{name:<20} {stats.jobs:>8} {stats.images:>9} {stats.oldest_age_s:>11.1f}")
     lines.append(f"jobs in flight: {report.jobs_in_flight}")
@@ -93,7 +101,8 @@ def format_status(report: StatusReport) -> str:
     lines.append(f"workers online: {len(report.workers)} ({names})")
     recent = report.recent
     lines.append(
-        f"rows: {report.totals.get('ok', 0)} ok, {report.totals.get('failed', 0)} failed; "
+        f"rows: {report.totals.get('ok', 0)} ok, {report.totals.get('failed', 0)} failed, "
+        f"{report.totals.get(PENDING, 0)} pending uploads; "
         f"last {recent.window_s // 60} min: {recent.ok} ok, {recent.failed} failed, "
         f"{recent.per_second:.1f} images/s"
     )

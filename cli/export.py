@@ -28,7 +28,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
     parser.add_argument("--model", help="only rows of this model")
-    parser.add_argument("--status", choices=("ok", "failed"), help="only rows with this status")
+    parser.add_argument("--status", choices=("ok", "failed", "pending"),
+                        help="only rows with this status")
     parser.add_argument("--since", type=since_date, metavar="DATE",
                         help="only rows finished at or after DATE (ISO 8601, UTC default)")
     parser.set_defaults(run=cmd_export)

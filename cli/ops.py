@@ -44,9 +44,22 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
-    from captioning.exporter import serve
+    import os
+    import socket
 
-    serve(get_settings().broker_url, args.port)
+    from captioning.broker import create_app
+    from captioning.connections import redis_client
+    from captioning.exporter import serve
+    from captioning.reconcile import Reconciler
+
+    settings = get_settings()
+    serve(settings.broker_url, args.port)
+    # Always running, unlike workers scaled to zero: its reconciler is what puts uploads
+    # that Redis lost back in the queue, which then scales the workers up again.
+    Reconciler.start_in_fleet(
+        settings, create_app(settings), redis_client(settings.broker_url, retries=0),
+        owner=f"exporter:{socket.gethostname()}:{os.getpid()}",
+    )
     print(f"serving queue metrics on :{args.port}/metrics")
     while True:
         time.sleep(3600)

@@ -7,10 +7,10 @@ import csv
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TextIO
+from typing import TextIO, get_args
 
 from captioning.kinds import CAPTION, KINDS
-from captioning.results import CaptionRow, ResultsStore
+from captioning.results import CaptionRow, ResultsStore, Status
 from captioning.settings import get_settings
 from cli.arguments import positive
 
@@ -20,7 +20,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     results.add_argument("--format", choices=("table", "jsonl", "csv"), default="table",
                          help="output format (default %(default)s)")
     results.add_argument("--prefix", help="only URIs starting with this, e.g. s3://bucket/dir/")
-    results.add_argument("--status", choices=("ok", "failed"), help="only rows with this status")
+    results.add_argument("--status", choices=get_args(Status),
+                         help="only rows with this status (pending: uploads accepted, no "
+                              "result yet)")
     results.add_argument("--kind", choices=tuple(KINDS),
                          help="only rows of this kind (caption includes rows from before kinds)")
     results.add_argument("--limit", type=positive, metavar="N", help="print at most N rows")
@@ -59,7 +61,7 @@ def format_table(records: Sequence[dict[str, object]]) -> str:
             str(r["status"]),
             str(r["kind"] or CAPTION.name),
             shorten(str(r["uri"]), 60, keep_end=True),
-            shorten(str(r["caption"] if r["status"] == "ok" else r["error"]), 70),
+            shorten(str(r["caption"] if r["status"] == "ok" else r["error"] or ""), 70),
         )
         for r in records
     ]

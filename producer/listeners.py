@@ -1,8 +1,10 @@
 """Event listeners: an SQS long-poller and an HTTP webhook, both feeding one batcher.
 
-Neither acknowledges an event before its jobs are in Redis: the SQS message is deleted, and
-the webhook answers 2xx, only when the batcher's future completes. A crash in between means
-a redelivery, which the deduper turns into nothing.
+Neither acknowledges an event before its uploads are recorded as `pending` rows in the results
+database and their jobs are in Redis: the SQS message is deleted, and the webhook answers
+2xx, only when the batcher's future completes. A crash in between means a redelivery, which
+the deduper turns into nothing; a Redis that loses the jobs afterwards is covered by the
+pending rows, which the reconciler sends again (captioning/reconcile.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,7 +24,8 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from captioning.errors import ConfigError, InvalidEvent
-from captioning.kinds import annotators
+from captioning.kinds import annotators, row_prompt
+from captioning.results import PENDING, CaptionRow, ResultsStore, utcnow
 from captioning.settings import Settings
 from producer.batcher import BatcherClosed, LingerBatcher
 from producer.dedupe import Deduper
@@ -36,14 +39,32 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 ENQUEUE_TIMEOUT_S = 30.0
 
 
+def pending_rows(
+    refs: Sequence[ObjectRef], annotators: Mapping[str, str], prompt: str
+) -> list[CaptionRow]:
+    """One pending row per image and kind, keyed as the worker will key its result."""
+    now = utcnow()
+    return [
+        CaptionRow(
+            uri=ref.uri, bucket=ref.bucket, key=ref.key, etag=ref.etag or "",
+            version_id=ref.version_id, model=model, prompt=row_prompt(kind, prompt),
+            status=PENDING, caption=None, error=None, width=None, height=None, bytes=None,
+            enqueued_at=now, finished_at=now, worker=None, attempts=0, kind=kind,
+        )
+        for ref in refs
+        for kind, model in annotators.items()
+    ]
+
+
 class EventEnqueuer:
-    """The batcher's flush: drop duplicates, then send the rest as realtime jobs."""
+    """The batcher's flush: drop duplicates, record the rest as pending, send them as jobs."""
 
     def __init__(
         self, sender: JobSender, deduper: Deduper, settings: Settings, batch_size: int
     ) -> None:
         self._sender = sender
         self._deduper = deduper
+        self._results = ResultsStore(settings.database_url)
         self._settings = settings
         self._batch_size = batch_size
         self.duplicates = 0
@@ -52,10 +73,12 @@ class EventEnqueuer:
         fresh = self._deduper.claim(refs)
         self.duplicates += len(refs) - len(fresh)
         try:
+            wanted = annotators(self._settings, self._settings.kinds)
+            self._results.record_pending(pending_rows(fresh, wanted, self._settings.prompt))
             for job in make_jobs(
                 (ref.job_item() for ref in fresh),
                 batch_size=self._batch_size,
-                annotators=annotators(self._settings, self._settings.kinds),
+                annotators=wanted,
                 prompt=self._settings.prompt,
                 source="event",
             ):

@@ -23,6 +23,7 @@ from captioning.messages import CaptionJob, JobItem
 from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from producer.enqueue import JobSender
+from tests.faults import RedisServer
 from tests.services import SeaweedS3
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -109,6 +110,15 @@ def settings(
 
 def settings_env(settings: Settings) -> dict[str, str]:
     return {**os.environ, **settings.as_env()}
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server per test (no AOF, no RDB snapshots), free to flush or kill:
+    what one test leaves unacked must not count in the next."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

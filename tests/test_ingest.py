@@ -27,7 +27,7 @@ from captioning.embedded import free_port
 from captioning.kinds import KINDS
 from captioning.messages import CaptionJob
 from captioning.queues import job_of
-from captioning.results import CaptionRow
+from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from captioning.storage import S3Store
 from captioning.uris import parse_prefix
@@ -109,7 +109,10 @@ def test_sqs_listener_captions_an_upload_once_and_deletes_its_messages(
         env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        rows = rows_under(f"s3://uploads/{prefix}", 1, timeout=60)
+        # The listener records the upload as pending first; the worker's row replaces it.
+        wait_until(lambda: [r.status for r in rows_under(f"s3://uploads/{prefix}", 1)] == ["ok"],
+                   timeout=60)
+        rows = rows_under(f"s3://uploads/{prefix}", 1)
         assert [(r.key, r.status, r.etag) for r in rows] == [(key, "ok", etag.strip('"'))]
         wait_until(lambda: queue_size(sqs, queue_url) == 0, timeout=20)
     finally:
@@ -154,7 +157,9 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> None:
 
 
 @pytest.fixture
-def webhook(settings: Settings, test_queue: str) -> Iterator[tuple[int, str]]:
+def webhook(
+    settings: Settings, test_queue: str, results: ResultsStore  # where uploads are recorded
+) -> Iterator[tuple[int, str]]:
     client = redis.Redis.from_url(settings.broker_url)
     with JobSender(create_app(settings), test_queue) as sender:
         enqueuer = EventEnqueuer(sender, Deduper(client, ttl_s=60), settings, batch_size=8)

@@ -37,6 +37,7 @@ REQUIRED_ALERTS = {
     "CaptionerWorkerDown",
     "CaptionerNoWorkerWhileWorkWaits",
     "CaptionerDeadLetters",
+    "CaptionerBrokerCanLoseJobs",
 }
 # The metrics contract (worker :9808, exporter :9809); anything else a query names must be a
 # recording rule of ours, a Prometheus built-in, or kube-state-metrics.
@@ -47,6 +48,7 @@ CONTRACT_METRICS = {
     "captioner_build_info",
     "captioner_queue_messages", "captioner_queue_images", "captioner_queue_oldest_age_seconds",
     "captioner_inflight_messages", "captioner_inflight_images", "captioner_dead_letter_messages",
+    "captioner_broker_evicts", "captioner_broker_persists",
 }
 OTHER_METRICS = {"up", "kube_horizontalpodautoscaler_status_desired_replicas",
                  "kube_deployment_status_replicas"}

@@ -2,8 +2,10 @@
 
 The model is loaded once per model-holding process: in the pool child under the prefork
 pool (never before the fork: CUDA does not survive one), in the worker process itself under
-the threads pool. The parent serves the merged metrics; the model-holding process warms the
-model up and keeps the health key fresh for the Kubernetes probes.
+the threads pool. The parent serves the merged metrics and, being the process that reserves
+and acks messages, sends the heartbeat that lets other workers requeue its jobs if it
+vanishes; the model-holding process warms the model up and keeps the health key fresh for
+the Kubernetes probes.
 """
 
 from __future__ import annotations
@@ -13,19 +15,25 @@ import os
 import signal
 from typing import Any
 
+import redis
 from celery.signals import (
     celeryd_after_setup,
     task_postrun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
 )
 
 from captioning import metrics
 from captioning.broker import create_app
+from captioning.connections import redis_client
+from captioning.durability import read_durability
 from captioning.errors import CaptionerError
 from captioning.health import HealthBeacon
+from captioning.heartbeats import Heartbeat, beat_interval_s
+from captioning.reconcile import Reconciler
 from captioning.settings import get_settings
 from workers.observability import mark_process_dead, serve_metrics
 from workers.routing import consume_order
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 app = create_app(get_settings(), include=("workers.tasks",))
 
 _beacon: HealthBeacon | None = None
+_heartbeat: Heartbeat | None = None
+_reconciler: Reconciler | None = None
 
 
 def _threads_pool() -> bool:
@@ -61,6 +71,32 @@ def _start_worker(**_: object) -> None:
             log.error("cannot serve metrics on port %d (CAPTIONER_METRICS_PORT): %s", port, exc)
     if _threads_pool():
         _load_model()
+
+
+@worker_ready.connect
+def _start_fleet_duties(**_: object) -> None:
+    """The heartbeat, and the reconciler of pending uploads (one sweeps at a time)."""
+    global _heartbeat, _reconciler  # noqa: PLW0603 - one of each per worker (main) process
+    settings = get_settings()
+    client = redis_client(settings.broker_url, retries=0, timeout_s=5)  # both loop on errors
+    _heartbeat = Heartbeat(
+        client, ttl_s=settings.heartbeat_ttl_s, held_ttl_s=2 * settings.visibility_timeout_s
+    )
+    _heartbeat.start()
+    log.info("heartbeat %s every %.1f s; jobs of workers silent for %d s are requeued",
+             _heartbeat.id, beat_interval_s(settings.heartbeat_ttl_s), settings.heartbeat_ttl_s)
+    _reconciler = Reconciler.start_in_fleet(settings, app, client, owner=_heartbeat.id)
+    _warn_if_redis_can_lose_jobs(client)
+
+
+def _warn_if_redis_can_lose_jobs(client: redis.Redis) -> None:
+    try:
+        warnings = read_durability(client).warnings()
+    except redis.RedisError as exc:
+        log.warning("cannot check whether Redis keeps its data (%s)", type(exc).__name__)
+        return
+    for warning in warnings:
+        log.warning("%s (see the README, Deploy)", warning)
 
 
 @worker_process_init.connect
@@ -120,6 +156,10 @@ def _stop_pool_process(**_: object) -> None:
 
 @worker_shutdown.connect
 def _stop_worker(**_: object) -> None:
+    if _reconciler is not None:
+        _reconciler.stop()
+    if _heartbeat is not None:
+        _heartbeat.stop()
     if _threads_pool():
         _close()
 
