@@ -4,6 +4,11 @@ A kind's rows carry its annotator's model id in `model`, so one (uri, etag, mode
 key per kind keeps skip-existing, dedupe and `attempts` working unchanged. A kind that reads
 no prompt (a tagger) keys its rows with prompt `''`, whatever the job's prompt.
 
+A kind may build on the results of others for the same image (interrogate's prompt starts
+with the caption): a worker serving it loads and runs those first, once per image, and
+writes their rows only when the job asks for them; its annotator id joins their models and
+its own with "+", so a row says every model that made it.
+
 To add a kind: a `Kind` here (and its model setting in settings.py), a runtime module in
 workers/runtimes/ registered in workers/runtimes/registry.py.
 """
@@ -26,9 +31,19 @@ class Kind:
     #: The Settings field holding this kind's model (a Hugging Face id, a directory, a twin).
     model_setting: str
     uses_prompt: bool
+    #: Kinds whose results for the same image this one builds on: a worker serving it serves
+    #: them too and runs them first; its annotator id names their models before its own.
+    builds_on: tuple[str, ...] = ()
 
     def model(self, settings: Settings) -> str:
-        return str(getattr(settings, self.model_setting))
+        own = str(getattr(settings, self.model_setting))
+        return "+".join([*(KINDS[name].model(settings) for name in self.builds_on), own])
+
+    @property
+    def model_env(self) -> tuple[str, ...]:
+        """The CAPTIONER_* variables that name this kind's annotator."""
+        bases = (env for name in self.builds_on for env in KINDS[name].model_env)
+        return (*bases, f"CAPTIONER_{self.model_setting.upper()}")
 
     def row_prompt(self, prompt: str) -> str:
         return prompt if self.uses_prompt else ""
@@ -36,8 +51,12 @@ class Kind:
 
 CAPTION = Kind("caption", model_setting="model", uses_prompt=True)
 TAGS = Kind("tags", model_setting="tagger_model", uses_prompt=False)
+#: A CLIP Interrogator prompt: the caption (so the caption's prompt) and the closest terms.
+INTERROGATE = Kind(
+    "interrogate", model_setting="clip_model", uses_prompt=True, builds_on=(CAPTION.name,)
+)
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (CAPTION, TAGS)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (CAPTION, TAGS, INTERROGATE)}
 
 
 def parse_kinds(names: Iterable[str]) -> tuple[str, ...]:
@@ -51,6 +70,20 @@ def parse_kinds(names: Iterable[str]) -> tuple[str, ...]:
     if not chosen:
         raise ConfigError(f"no kind given: choose from {', '.join(KINDS)}")
     return chosen
+
+
+def with_foundations(kinds: Iterable[str]) -> tuple[str, ...]:
+    """`kinds` and every kind they build on, each after what it builds on."""
+    ordered: dict[str, None] = {}
+
+    def add(name: str) -> None:
+        for base in KINDS[name].builds_on:
+            add(base)
+        ordered.setdefault(name)
+
+    for name in kinds:
+        add(name)
+    return tuple(ordered)
 
 
 def row_prompt(kind: str, prompt: str) -> str:

@@ -84,7 +84,8 @@ captions = Table(
     Column(
         "tags",
         JSON().with_variant(postgresql.JSONB(), "postgresql"),
-        comment="tags kind: {category: {tag: probability}}",
+        comment="tags kind: {category: {tag: probability}}; interrogate kind: the prompt's "
+        "terms, {list: {term: cosine similarity}}",
     ),
     Index("ix_captions_uri", "uri"),
     Index("ix_captions_status_finished", "status", "finished_at"),

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     static_cache: bool = False
     quantization: Quantization = "none"
 
+    # The `interrogate` kind: a caption followed by the CLIP Interrogator terms closest to the
+    # image in this CLIP model's embedding space.
+    clip_model: str = "openai/clip-vit-large-patch14"
+    interrogate_terms: int = Field(default=32, ge=1, le=256)
+    # Term embeddings, computed once per CLIP model and term lists, are cached here.
+    term_cache_dir: Path = Path("~/.cache/captioner/terms")
+    # A directory with artists.txt, flavors.txt, mediums.txt, movements.txt; None: the
+    # CLIP Interrogator's lists shipped with the captioner.
+    term_lists_dir: Path | None = None
+
     max_image_bytes: int = Field(default=32 * MiB, ge=1)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     max_job_items: int = Field(default=256, ge=1)
@@ -97,6 +107,11 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("term_cache_dir", "term_lists_dir")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path is not None else None
 
     @field_validator("kinds")
     @classmethod

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import captioning
@@ -25,6 +26,8 @@ TINY_MODEL = "tiny-random-blip2"
 REAL_MODEL = "Salesforce/blip2-opt-2.7b"
 TINY_TAGGER = "tiny-random-wd14"
 REAL_TAGGER = "SmilingWolf/wd-vit-tagger-v3"
+TINY_CLIP = "tiny-random-clip"
+REAL_CLIP = "openai/clip-vit-large-patch14"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -37,23 +40,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=cmd_demo)
 
 
-def choose_demo_model() -> str:
-    """CAPTIONER_MODEL if set; else real BLIP-2 if already cached; else the tiny stand-in."""
-    if os.environ.get("CAPTIONER_MODEL"):
-        return os.environ["CAPTIONER_MODEL"]
+def choose(variable: str, real: str, twin: str, files: Sequence[str] | None = None) -> str:
+    """The model `variable` names if set; else `real` if already cached; else its twin."""
+    if os.environ.get(variable):
+        return os.environ[variable]
     from workers.runtimes.loading import weights_cached
 
-    return REAL_MODEL if weights_cached(REAL_MODEL) else TINY_MODEL
+    return real if weights_cached(real, files=files) else twin
+
+
+def choose_demo_model() -> str:
+    return choose("CAPTIONER_MODEL", REAL_MODEL, TINY_MODEL)
 
 
 def choose_demo_tagger() -> str:
-    """CAPTIONER_TAGGER_MODEL if set; else the real WD14 tagger if cached; else its twin."""
-    if os.environ.get("CAPTIONER_TAGGER_MODEL"):
-        return os.environ["CAPTIONER_TAGGER_MODEL"]
-    from workers.runtimes.loading import weights_cached
     from workers.runtimes.wd14 import TAGGER_FILES
 
-    return REAL_TAGGER if weights_cached(REAL_TAGGER, files=TAGGER_FILES) else TINY_TAGGER
+    return choose("CAPTIONER_TAGGER_MODEL", REAL_TAGGER, TINY_TAGGER, TAGGER_FILES)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -88,6 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             allowed_roots=(directory,),
             model=model,
             tagger_model=choose_demo_tagger(),
+            clip_model=choose("CAPTIONER_CLIP_MODEL", REAL_CLIP, TINY_CLIP),
             results_uri=(workdir / "sidecars").as_uri(),
             metrics_port=0,
         )
@@ -97,6 +101,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"placeholder noise. For real tags, download {REAL_TAGGER} (hf download ...) "
                   "or set CAPTIONER_TAGGER_MODEL to a directory with model.onnx and "
                   "selected_tags.csv.")
+        if "interrogate" in settings.kinds and settings.clip_model == TINY_CLIP:
+            print(f"note: using {TINY_CLIP}, a CLIP with random weights: the terms of its "
+                  f"prompts are placeholder noise. For real prompts, download {REAL_CLIP} (hf "
+                  "download ...) or set CAPTIONER_CLIP_MODEL to a save_pretrained directory. "
+                  "The first start encodes the 111,866 terms once (cached in "
+                  "CAPTIONER_TERM_CACHE_DIR).")
         env = {**os.environ, **settings.as_env()}
         results = ResultsStore(settings.database_url)
         results.create_schema()

@@ -171,11 +171,11 @@ def annotate_stream(
     lookahead: int,
     earlier: Mapping[str, EarlierResults] | None = None,
 ) -> None:
-    """Annotate `states` with every kind of `runtimes` as their pixels arrive, `lookahead`
-    images prepared ahead. The models (`turn`) are taken once the first batch is ready and
-    held to the last, so the jobs in flight finish in the order they got them. With
-    `earlier` (content dedupe), a kind's images whose bytes already have a result get it
-    copied and skip that model."""
+    """Annotate `states` with every kind of `runtimes`, in that order (a kind after those it
+    builds on), as their pixels arrive, `lookahead` images prepared ahead. The models
+    (`turn`) are taken once the first batch is ready and held to the last, so the jobs in
+    flight finish in the order they got them. With `earlier` (content dedupe), a kind's
+    images whose bytes already have a result get it copied and skip that model."""
     if not runtimes:
         return
     earlier = earlier or {}
@@ -193,7 +193,10 @@ def annotate_stream(
                 if not todo:
                     continue
                 with metrics.STAGE_SECONDS.labels("generate", kind).time():
-                    results = annotate_in_batches(runtime, [s.pixels[kind] for s in todo], prompt)
+                    results = annotate_in_batches(
+                        runtime, [s.pixels[kind] for s in todo], prompt,
+                        [s.results for s in todo],
+                    )
                 metrics.BATCH_SIZE.labels(kind).observe(len(todo))
                 for state, result in zip(todo, results, strict=True):
                     state.results[kind] = result

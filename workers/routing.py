@@ -36,10 +36,10 @@ def plan(annotators: Mapping[str, str], served: Mapping[str, str], *, queue: str
         if kind in served and served[kind] == model:
             result.run[kind] = model
         elif kind in served:
-            setting = KINDS[kind].model_setting.upper()
             result.refuse[kind] = (model, ModelMismatch(
                 f"job asks for model {model!r} ({kind}); this worker serves {served[kind]!r}: "
-                f"run a worker with that CAPTIONER_{setting}, or enqueue with this one"
+                f"run a worker with that {' and '.join(KINDS[kind].model_env)}, or enqueue with "
+                "this one"
             ))
         elif kind not in KINDS:
             result.refuse[kind] = (model, KindNotServed(

@@ -24,7 +24,7 @@ from captioning import metrics
 from captioning.broker import send_job
 from captioning.deadletters import DeadLetters
 from captioning.errors import ImageError, InvalidJob, TransientError
-from captioning.kinds import CAPTION, row_prompt
+from captioning.kinds import CAPTION, row_prompt, with_foundations
 from captioning.messages import TASK_NAME, CaptionJob, kind_queue
 from captioning.results import CaptionRow, utcnow
 from captioning.settings import get_settings
@@ -61,7 +61,9 @@ def process_job(job: CaptionJob, ctx: WorkerContext, queue: str) -> Outcome:
             state.error = exc
     served = {kind: runtime.name for kind, runtime in ctx.runtimes.items()}
     routes = plan(job.annotators, served, queue=queue)
-    runtimes = {kind: ctx.runtimes[kind] for kind in routes.run}
+    # What the job asks for, and first the kinds those build on (their rows are not written
+    # unless asked for); the worker loaded them all (workers/runtimes/registry.py).
+    runtimes = {kind: ctx.runtimes[kind] for kind in with_foundations(routes.run)}
     annotate_stream(
         [s for s in states if s.alive] if runtimes else [],
         job.prompt,

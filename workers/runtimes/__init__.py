@@ -6,4 +6,6 @@ tiny.py     the tiny random twins of every kind, for tests and offline demos
 registry.py kind name -> runtime class, and loading the kinds a worker serves
 blip2.py    BLIP-2 captions (kind `caption`)
 wd14.py     WD14 tags (kind `tags`)
+clip.py     CLIP image and text embeddings
+interrogate.py  CLIP Interrogator prompts: a caption and the closest terms (kind `interrogate`)
 """

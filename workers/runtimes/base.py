@@ -3,7 +3,7 @@ postprocess, behind `annotate` so the pipeline never needs to know which kind it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,10 @@ class Annotation:
 
     text: str
     tags: dict[str, dict[str, float]] | None = None
+
+
+#: One image's results so far: kind -> its annotation.
+Results = Mapping[str, Annotation]
 
 
 class Runtime(Protocol):
@@ -47,19 +51,29 @@ class Runtime(Protocol):
         """One decoded RGB image -> this kind's uint8 pixels (runs in decode threads)."""
         ...
 
-    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
-        """Results for one micro-batch, in order (preprocess -> predict -> postprocess)."""
+    def annotate(
+        self, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results]
+    ) -> list[Annotation]:
+        """Results for one micro-batch, in order (preprocess -> predict -> postprocess).
+        `earlier` holds each image's results of the kinds run before this one in the job,
+        among them those it builds on (captioning/kinds.py); a kind that builds on none
+        may be given an empty sequence."""
         ...
 
 
 def annotate_in_batches(
-    runtime: Runtime, pixels: Sequence[ModelPixels], prompt: str
+    runtime: Runtime,
+    pixels: Sequence[ModelPixels],
+    prompt: str,
+    earlier: Sequence[Results] = (),
 ) -> list[Annotation]:
-    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch)."""
+    """Results for `pixels`, in order, in the runtime's own micro-batches (read per batch);
+    `earlier` as `Runtime.annotate` takes it, for the same images (empty for a kind that
+    builds on no other)."""
     results: list[Annotation] = []
     start = 0
     while start < len(pixels):
-        size = runtime.batch_size
-        results.extend(runtime.annotate(pixels[start : start + size], prompt))
-        start += size
+        stop = start + runtime.batch_size
+        results.extend(runtime.annotate(pixels[start:stop], prompt, earlier[start:stop]))
+        start = stop
     return results

@@ -21,7 +21,7 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec, to_model_pixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation, annotate_in_batches
+from workers.runtimes.base import Annotation, Results, annotate_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,11 @@ class CaptionModel:
             log.warning("CUDA out of memory at batch %d; micro-batches now %d", len(pixels), half)
             return self.generate(pixels[:half], prompt) + self.generate(pixels[half:], prompt)
 
-    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
-        """The runtime interface: one micro-batch's captions as annotations."""
+    def annotate(
+        self, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results] = ()
+    ) -> list[Annotation]:
+        """The runtime interface: one micro-batch's captions as annotations (built on
+        no other kind's results)."""
         return [Annotation(text) for text in self.generate(pixels, prompt)]
 
     def caption_pixels(self, pixels: Sequence[ModelPixels], prompt: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -24,16 +32,32 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessorPil,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     T5Config,
 )
+
+from workers.interrogate.terms import DATA_DIR, read_terms, trending_terms
 
 TINY_MODEL = "tiny-random-blip2"
 PLACEHOLDER_NOTICE = (
     f"CAPTIONER_MODEL={TINY_MODEL} has random weights: its captions are noise, meant for tests "
     "and offline demos only. For real captions set CAPTIONER_MODEL=Salesforce/blip2-opt-2.7b "
     "(weights in the Hugging Face cache, or a local save_pretrained directory)."
+)
+TINY_CLIP = "tiny-random-clip"
+TINY_CLIP_NOTICE = (
+    f"CAPTIONER_CLIP_MODEL={TINY_CLIP} has random weights: the terms it picks are noise, meant "
+    "for tests and offline demos only. For real prompts set "
+    "CAPTIONER_CLIP_MODEL=openai/clip-vit-large-patch14 (weights in the Hugging Face cache, or "
+    "a local save_pretrained directory)."
 )
 
 _PAD, _BOS, _EOS, _UNK, _IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
@@ -175,6 +199,79 @@ def tiny_tokenizer(text_model: Literal["opt", "t5"]) -> PreTrainedTokenizerFast:
     )
 
 
+_CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's own tokenizer class (byte-level BPE, `</w>` word ends, lower-cased) with merges
+    written here, so nothing is downloaded: every byte alone and at a word's end, and merges
+    that spell out, left to right, each caption word and each word of the shipped mediums,
+    movements and trending terms. (A trained BPE breaks ties in hash order, which would
+    make every build a different tokenizer.)"""
+    text = " ".join([
+        _CAPTION_WORDS,
+        *read_terms(DATA_DIR / "mediums.txt"),
+        *read_terms(DATA_DIR / "movements.txt"),
+        *trending_terms(),
+    ])
+    words = sorted(set(re.findall(r"[a-z]+", text.lower())))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens = [_CLIP_BOS, _CLIP_EOS, *sorted(alphabet), *(f"{c}</w>" for c in sorted(alphabet))]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [*word[:-1], f"{word[-1]}</w>"]
+        done = pieces[0]
+        for piece in pieces[1:]:
+            if done + piece not in tokens:
+                merges.append((done, piece))
+                tokens.append(done + piece)
+            done += piece
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
+
+
+def build_tiny_clip(
+    directory: Path, *, seed: int = 0, width: int = _TINY_HIDDEN, layers: int = 2,
+    image_size: int = _TINY_IMAGE_SIZE, patch_size: int = 8,
+) -> Path:
+    """Save a tiny random CLIPModel (model + processor) into `directory` and return it: the
+    real classes, a 77-token text context as CLIP's, a shortest-edge resize + centre crop.
+    The sizes default to the twin's; benchmarks build larger ones the same way."""
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=CLIPVisionConfig(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        projection_dim=width // 2,
+        initializer_factor=_TINY_INIT_STD / 0.02,  # CLIP scales its init like T5
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
 TINY_TAGGER = "tiny-random-wd14"
 TAGGER_NOTICE = (
     f"CAPTIONER_TAGGER_MODEL={TINY_TAGGER} has random weights: its tags are noise, meant for "
@@ -265,5 +362,6 @@ class Twin:
 #: Model setting value -> its tiny twin. Any other value is a real model (id or directory).
 TWINS: dict[str, Twin] = {
     TINY_MODEL: Twin(build_tiny_blip2, PLACEHOLDER_NOTICE),
+    TINY_CLIP: Twin(build_tiny_clip, TINY_CLIP_NOTICE),
     TINY_TAGGER: Twin(build_tiny_wd14, TAGGER_NOTICE),
 }

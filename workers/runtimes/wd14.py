@@ -28,7 +28,7 @@ from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels
 from workers.runtimes import loading, tiny
-from workers.runtimes.base import Annotation
+from workers.runtimes.base import Annotation, Results
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,11 @@ class Tagger:
     def postprocess(self, probs: np.ndarray) -> list[dict[str, dict[str, float]]]:
         return [select_tags(row, self.tags, self.thresholds) for row in probs]
 
-    def annotate(self, pixels: Sequence[ModelPixels], prompt: str) -> list[Annotation]:
-        """Tags for one micro-batch; the prompt means nothing to a tagger."""
+    def annotate(
+        self, pixels: Sequence[ModelPixels], prompt: str, earlier: Sequence[Results] = ()
+    ) -> list[Annotation]:
+        """Tags for one micro-batch; the prompt and other kinds' results mean nothing to a
+        tagger."""
         selected = self.postprocess(self.predict(self.preprocess(pixels)))
         return [Annotation(tags_caption(tags), tags=tags) for tags in selected]
 

@@ -1,0 +1,1 @@
+"""The `interrogate` kind: CLIP Interrogator prompts (a caption plus the closest terms)."""
