@@ -29,6 +29,10 @@ IMAGES = Counter(
 IMAGE_ERRORS = Counter(
     "captioner_image_errors_total", "Failed images by error class and kind.", ["reason", "kind"]
 )
+DEDUPED = Counter(
+    "captioner_images_deduplicated_total",
+    "Images whose caption was copied from an earlier row with the same bytes, model and prompt.",
+)
 JOBS = Counter(
     "captioner_jobs_total",
     "Jobs handled, by outcome (done, retried, dead, invalid) and queue.",

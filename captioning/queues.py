@@ -45,7 +45,8 @@ def job_of(raw: bytes | str) -> dict[str, object] | None:
 
 
 def images_in(job: dict[str, object] | None) -> int:
-    items = job.get("items") if job else None
+    """Images in a job of either wire form: `items` (original) or `keys` (compact)."""
+    items = (job.get("keys") or job.get("items")) if job else None
     return len(items) if isinstance(items, list) else 0
 
 

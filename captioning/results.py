@@ -80,6 +80,7 @@ captions = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("worker", Text),
+    Column("content_digest", Text, comment="sha256 of the image bytes; null if never fetched"),
     Column("kind", Text, comment="caption, tags, ...; NULL on rows from before kinds: caption"),
     Column(
         "tags",
@@ -93,6 +94,7 @@ captions = Table(
     Column("candidates", JSON, comment="CapFilt: [{caption, match_probability, itc_cosine}]"),
     Index("ix_captions_uri", "uri"),
     Index("ix_captions_status_finished", "status", "finished_at"),
+    Index("ix_captions_digest", "content_digest", "model", "prompt"),
 )
 
 
@@ -115,6 +117,7 @@ class CaptionRow:
     finished_at: datetime
     worker: str | None
     attempts: int = 1
+    content_digest: str | None = None
     kind: str | None = None
     tags: dict[str, dict[str, float]] | None = None
     match_probability: float | None = None
@@ -209,6 +212,8 @@ class ResultsStore:
                     text(f"ALTER TABLE {quote(captions.name)} ADD COLUMN {quote(column.name)} "
                          f"{column_type}")
                 )
+            for index in captions.indexes:
+                index.create(conn, checkfirst=True)
             return [column.name for column in missing]
 
     def require_schema(self) -> None:
@@ -324,6 +329,20 @@ class ResultsStore:
             query = query.limit(limit)
         with self._connection(write=False) as conn:
             return [CaptionRow(**row._mapping) for row in conn.execute(query)]
+
+    def earlier_captions(self, digests: Sequence[str], model: str, prompt: str) -> dict[str, str]:
+        """Captions of `ok` rows for these image contents, model and prompt: content dedupe
+        asks once per micro-batch (ix_captions_digest)."""
+        if not digests:
+            return {}
+        query = select(captions.c.content_digest, captions.c.caption).where(
+            captions.c.content_digest.in_(list(set(digests))),
+            captions.c.model == model,
+            captions.c.prompt == prompt,
+            captions.c.status == "ok",
+        )
+        with self._connection(write=False) as conn:
+            return {digest: caption for digest, caption in conn.execute(query)}
 
     def status_counts(self) -> dict[str, int]:
         query = select(captions.c.status, func.count()).group_by(captions.c.status)

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     allowed_roots: Annotated[tuple[Path, ...], NoDecode] = ()
     results_uri: str | None = None
+    # sidecar: a JSON object per image; parquet: a Parquet object per job (captioning/parquet.py)
+    results_format: Literal["sidecar", "parquet"] = "sidecar"
+    # Copy the caption of an image whose bytes were already captioned (same model and prompt).
+    content_dedupe: bool = False
 
     # What this deployment produces: workers load a model per kind, producers ask for these
     # unless told otherwise (captioning/kinds.py).

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import boto3
 from botocore.config import Config
@@ -158,9 +158,14 @@ class S3Store:
         with _s3_errors(f"s3://{bucket}/{key}"):
             self._others.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
-    def list(self, bucket: str, prefix: str, start_after: str = "") -> Iterator[list[ListedObject]]:
-        """Yield one page (up to 1,000 objects) at a time, in key order."""
+    def list(
+        self, bucket: str, prefix: str, start_after: str = "", delimiter: str = ""
+    ) -> Iterator[list[ListedObject]]:
+        """Yield one page (up to 1,000 objects) at a time, in key order; with a delimiter,
+        only the objects directly under the prefix."""
         params: dict[str, str] = {"Bucket": bucket, "Prefix": prefix}
+        if delimiter:
+            params["Delimiter"] = delimiter
         if start_after:
             params["StartAfter"] = start_after
         paginator = self._others.get_paginator("list_objects_v2")
@@ -175,6 +180,37 @@ class S3Store:
                     )
                     for obj in page.get("Contents", [])
                 ]
+
+    def list_direct(
+        self, bucket: str, prefix: str, start_after: str = ""
+    ) -> Iterator[list[ListedObject]]:
+        return self.list(bucket, prefix, start_after, delimiter="/")
+
+    def common_prefixes(self, bucket: str, prefix: str) -> tuple[list[str], bool]:
+        """The sub-prefixes one `/` below `prefix`, and whether objects lie directly in it."""
+        paginator = self._others.get_paginator("list_objects_v2")
+        subs: list[str] = []
+        direct = False
+        with _s3_errors(f"s3://{bucket}/{prefix}"):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                subs += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
+                direct = direct or bool(page.get("Contents"))
+        return subs, direct
+
+    def stream(self, bucket: str, key: str) -> Any:
+        """The body of a whole object as a readable stream (reports, manifests), not capped."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            return self._others.get_object(Bucket=bucket, Key=key)["Body"]
+
+    def download(self, bucket: str, key: str, sink: IO[bytes]) -> None:
+        """Copy an object into a file, in parallel ranged parts."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            self._others.download_fileobj(bucket, key, sink)
+
+    def upload(self, bucket: str, key: str, source: IO[bytes]) -> None:
+        """Store a file of any size as one object (multipart above 8 MiB)."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            self._others.upload_fileobj(source, bucket, key)
 
 
 class FileStore:

@@ -38,6 +38,8 @@ def per_second(text: str) -> float:
     return value
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 def kind_list(text: str) -> tuple[str, ...]:
     """`caption,tags`: known kinds, comma-separated."""
     try:

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from captioning.errors import ConfigError
 from captioning.kinds import KINDS
@@ -19,8 +19,15 @@ from captioning.messages import (
     WORK_QUEUES,
 )
 from captioning.results import ResultsStore
-from captioning.settings import get_settings
-from cli.arguments import kind_list, per_second, positive, since_date
+from captioning.settings import Settings, get_settings
+from cli.arguments import comma_list, kind_list, per_second, positive, since_date
+
+if TYPE_CHECKING:
+    import redis
+
+    from captioning.checkpoints import Checkpoint, Checkpoints
+    from captioning.uris import ImageLocation
+    from producer.backfill import Pacing
 
 log = logging.getLogger("captioner")
 
@@ -39,8 +46,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     enqueue.set_defaults(run=cmd_enqueue)
 
     backfill = commands.add_parser("backfill", help="caption every image under s3://bucket/prefix")
-    backfill.add_argument("prefix", metavar="s3://bucket/prefix",
-                          help="list every image key under this prefix")
+    backfill.add_argument("prefix", metavar="s3://bucket/prefix", nargs="?",
+                          help="list every image key under this prefix "
+                          "(with --inventory: only keys under it)")
+    backfill.add_argument("--inventory", metavar="s3://…/manifest.json",
+                          help="read the keys from an S3 Inventory report (CSV or Parquet)")
+    backfill.add_argument("--list-workers", type=positive, default=1, metavar="N",
+                          help="list N parts at once: the sub-prefixes one '/' below the "
+                          "prefix, the --split prefixes, or the inventory's files")
+    backfill.add_argument("--split", type=comma_list, default=(), metavar="A/,B/,…",
+                          help="list these sub-prefixes of the prefix as the parts")
     backfill.add_argument("--queue", default=BULK_QUEUE, choices=WORK_QUEUES,
                           help="queue to send to (default %(default)s, after uploads)")
     backfill.add_argument("--batch-size", type=positive, default=32, help="images per job")
@@ -141,13 +156,14 @@ def text(uri: str, origin: str) -> str:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
-    from producer.enqueue import JobSender, enqueue_uris
+    from producer.enqueue import PUBLISH_BATCH, JobSender, enqueue_uris
 
     settings = get_settings()
     if not args.uris and not args.from_file:
         raise ConfigError("give URIs as arguments or --from-file F (use - for stdin)")
     app = create_app(settings, one_shot=True)
-    with uri_file(args.from_file) as lines, JobSender(app, args.queue) as sender:
+    with (uri_file(args.from_file) as lines,
+          JobSender(app, args.queue, batch=PUBLISH_BATCH) as sender):
         uris = read_uris(args.uris, lines, args.from_file)
         enqueue_uris(
             uris, sender, settings, batch_size=args.batch_size, kinds=args.kind,
@@ -162,58 +178,53 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from captioning.checkpoints import Checkpoint, Checkpoints
     from captioning.connections import redis_client
     from captioning.storage import S3Store
-    from captioning.uris import check_allowed, parse_prefix
-    from producer.backfill import Filters, Pacing, backfill
-    from producer.enqueue import JobSender
-    from producer.pacing import QueueGate, RateLimiter
+    from captioning.uris import check_allowed
+    from producer.backfill import Filters, backfill
+    from producer.enqueue import PUBLISH_BATCH, JobSender
+    from producer.listing import pipelined
     from producer.progress import Progress
 
     settings, prompts = get_settings(), job_prompts(args)  # a bad --prompt fails first
-    source = parse_prefix(args.prefix)
-    if source.scheme != "s3":
-        raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
-    check_allowed(source, settings)
-    name = args.name or args.prefix
+    source = backfill_source(args)
+    name = args.name or args.prefix or args.inventory
+    origin = args.inventory or args.prefix
     broker = redis_client(settings.broker_url)
     checkpoints = Checkpoints(broker)
-    checkpoint = Checkpoint(name=name, source=args.prefix)
-    if args.resume:
-        saved = checkpoints.get(name)
-        if saved is not None and saved.source != args.prefix:
-            raise ConfigError(
-                f"backfill {name!r} was started for {saved.source}, not {args.prefix}: "
-                "pass the same prefix, or another --name"
-            )
-        if saved is not None:
-            log.info("resuming %s after key %r", name, saved.last_key)
-            checkpoint = saved
-            checkpoint.finished = False
-        else:
-            log.info("no checkpoint named %r: starting from the beginning", name)
+    checkpoint = Checkpoint(name=name, source=origin)
+    in_parts = bool(args.inventory or args.split or args.list_workers > 1)
+    if in_parts and args.limit:
+        raise ConfigError("--limit works on one listing stream: drop --list-workers, --split "
+                          "and --inventory, or drop --limit")
+    if args.resume and not in_parts:
+        checkpoint = resumed(checkpoints, checkpoint)
     results = ResultsStore(settings.database_url) if args.skip_existing else None
-    pacing = Pacing(rate=RateLimiter(args.rate) if args.rate else None)
-    if args.max_queue_depth > 0:
-        pacing.gate = QueueGate(
-            broker, args.queue, max_images=args.max_queue_depth, images_per_job=args.batch_size
-        )
+    pacing = backfill_pacing(args, broker)
     progress = Progress(checkpoint, total=args.total)
     paused = lambda: pacing.gate.paused_s if pacing.gate else 0.0  # noqa: E731
+    options = {
+        "results": results, "settings": settings, "batch_size": args.batch_size,
+        "pacing": pacing, "on_progress": lambda cp: progress.update(cp, paused()),
+        "kinds": args.kind, "prompts": prompts,
+    }
 
     def run(sender: JobSender | None) -> Checkpoint:
+        check_allowed(source, settings)
         return backfill(
-            source, list_pages=S3Store(settings).list, results=results, sender=sender,
-            settings=settings, batch_size=args.batch_size, checkpoint=checkpoint,
-            checkpoints=checkpoints, pacing=pacing, limit=args.limit,
-            filters=Filters(prefix=source.key, since=args.since, match=args.match),
-            on_progress=lambda cp: progress.update(cp, paused()), kinds=args.kind,
-            prompts=prompts,
+            source, list_pages=pipelined(S3Store(settings).list), sender=sender,
+            checkpoint=checkpoint, checkpoints=checkpoints, limit=args.limit,
+            filters=Filters(prefix=source.key, since=args.since, match=args.match), **options,
         )
 
     try:
-        if args.dry_run:
+        if in_parts:
+            report = run_in_parts(args, settings, options, checkpoints=checkpoints, name=name,
+                                  origin=origin)
+            checkpoint = report
+        elif args.dry_run:
             report = run(None)
         else:
-            with JobSender(create_app(settings, one_shot=True), args.queue) as sender:
+            app = create_app(settings, one_shot=True)
+            with JobSender(app, args.queue, batch=PUBLISH_BATCH) as sender:
                 report = run(sender)
     except BaseException:
         if checkpoint.enqueued:  # where a run that got going stopped; nothing to say otherwise
@@ -228,3 +239,88 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if not report.finished:
         print(f"stopped before the end: continue with --resume (checkpoint {name!r})")
     return 0
+
+
+def backfill_source(args: argparse.Namespace) -> ImageLocation:
+    """What a backfill reads: the listed prefix, or the inventory manifest."""
+    from captioning.uris import parse_prefix
+
+    if not args.prefix and not args.inventory:
+        raise ConfigError("give s3://bucket/prefix to list, or --inventory s3://…/manifest.json")
+    source = parse_prefix(args.prefix or args.inventory)
+    if source.scheme != "s3":
+        raise ConfigError("backfill lists S3 prefixes: s3://bucket/prefix")
+    return source
+
+
+def backfill_pacing(args: argparse.Namespace, broker: redis.Redis) -> Pacing:
+    """The queue-depth gate and rate limit every part of a backfill shares."""
+    from producer.backfill import Pacing
+    from producer.pacing import QueueGate, RateLimiter
+
+    pacing = Pacing(rate=RateLimiter(args.rate) if args.rate else None)
+    if args.max_queue_depth > 0:
+        pacing.gate = QueueGate(
+            broker, args.queue, max_images=args.max_queue_depth, images_per_job=args.batch_size
+        )
+    return pacing
+
+
+def resumed(checkpoints: Checkpoints, fresh: Checkpoint) -> Checkpoint:
+    """The saved checkpoint of this backfill's name, or `fresh` if there is none."""
+    saved = checkpoints.get(fresh.name)
+    if saved is None:
+        log.info("no checkpoint named %r: starting from the beginning", fresh.name)
+        return fresh
+    if saved.source != fresh.source:
+        raise ConfigError(
+            f"backfill {fresh.name!r} was started for {saved.source}, not {fresh.source}: "
+            "pass the same prefix, or another --name"
+        )
+    log.info("resuming %s after key %r", fresh.name, saved.last_key)
+    saved.finished = False
+    return saved
+
+
+def run_in_parts(
+    args: argparse.Namespace,
+    settings: Settings,
+    options: dict[str, Any],
+    *,
+    checkpoints: Checkpoints,
+    name: str,
+    origin: str,
+) -> Checkpoint:
+    """Sub-prefixes or inventory files as parts, `--list-workers` at a time."""
+    from captioning.broker import create_app
+    from captioning.storage import S3Store
+    from captioning.uris import check_allowed, parse_prefix
+    from producer.backfill import Filters
+    from producer.inventory import read_manifest
+    from producer.listing import backfill_parts, inventory_parts, prefix_parts
+
+    store = S3Store(settings)
+    if args.inventory:
+        manifest = read_manifest(store, parse_prefix(args.inventory))
+        under = parse_prefix(args.prefix) if args.prefix else None
+        if under is not None and under.bucket != manifest.source_bucket:
+            raise ConfigError(f"the inventory lists bucket {manifest.source_bucket!r}, "
+                              f"not {under.bucket!r}")
+        prefix = under.key if under else ""
+        parts = inventory_parts(store, manifest, prefix)
+        log.info("inventory of s3://%s: %d files", manifest.source_bucket, len(parts))
+    else:
+        source = parse_prefix(args.prefix)
+        prefix = source.key
+        parts = prefix_parts(store, source, args.split)
+        log.info("listing %s in %d parts, %d at a time", args.prefix, len(parts),
+                 args.list_workers)
+    if parts:
+        check_allowed(parts[0].source, settings)  # every part lists the same bucket
+    return backfill_parts(
+        parts, app=None if args.dry_run else create_app(settings, one_shot=True),
+        queue_name=args.queue,
+        name=name, source=origin, workers=args.list_workers, resume=args.resume,
+        checkpoints=None if args.dry_run else checkpoints,
+        filters=Filters(prefix=prefix, since=args.since, match=args.match), **options,
+    )

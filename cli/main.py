@@ -26,9 +26,9 @@ from captioning.errors import (
     StoreCredentialsError,
     StoreUnavailable,
 )
-from cli import db, demo, jobs, listen, ops, results, worker
+from cli import db, demo, export, jobs, listen, ops, results, worker
 
-COMMAND_GROUPS = (jobs, listen, worker, ops, results, db, demo)
+COMMAND_GROUPS = (jobs, listen, worker, ops, results, export, db, demo)
 EXIT_MISTAKE = 2
 EXIT_INTERRUPTED = 130
 

@@ -2,8 +2,11 @@
 
 Each page of up to 1,000 keys costs one listing call and one database query (not one per
 key), and jobs are sent while listing goes on, so memory stays flat for any bucket size.
-Sends pause while the bulk queue is deep (QueueGate), and after every job the checkpoint
-records the last key it covers, so `--resume` re-sends at most the one job in flight.
+Sends pause while the bulk queue is deep (QueueGate). The checkpoint records the last key
+sent: after every job, so `--resume` re-sends at most the one job in flight; or, when the
+sender batches its Redis writes, after every page once the page's jobs are flushed, so an
+interruption loses the unflushed jobs with the checkpoint that would have covered them and
+`--resume` sends them again (re-sending a page only if it dies between flush and save).
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ class Pacing:
     gate: QueueGate | None = None
     rate: RateLimiter | None = None
 
+    def wait(self, images: int) -> None:
+        """Return once `images` more may be sent: room in the queue, then the rate."""
+        if self.gate is not None:
+            self.gate.wait(images)
+        if self.rate is not None:
+            self.rate.acquire(images)
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -77,13 +87,12 @@ def pending_items(
 ) -> tuple[list[Pending], int]:
     """Candidates of one listing page missing a row for any of `kinds` (default
     CAPTIONER_KINDS: each kind's model, and each of `prompts` the kind reads, default
-    CAPTIONER_PROMPT), and the
-    number of candidates. JobItems are built with `model_construct`: the values come from
-    the listing (never user input) and the worker validates every message anyway."""
+    CAPTIONER_PROMPT), and the number of candidates. (pydantic-core validates a JobItem in
+    less time than `model_construct` builds one, so they are validated.)"""
     wanted = tuple(kinds or settings.kinds)
     prompts = tuple(prompts or (settings.prompt,))
     items = [
-        JobItem.model_construct(uri=s3_uri(bucket, obj.key), etag=obj.etag or None, version_id=None)
+        JobItem(uri=s3_uri(bucket, obj.key), etag=obj.etag or None)
         for obj in page
         if filters.accept(obj)
     ]
@@ -145,10 +154,7 @@ def backfill(
 
     def send(items: list[JobItem], last_key: str) -> None:
         if sender is not None:
-            if pacing.gate is not None:
-                pacing.gate.wait(len(items))
-            if pacing.rate is not None:
-                pacing.rate.acquire(len(items))
+            pacing.wait(len(items))
             sender.send(
                 CaptionJob.create(
                     items=tuple(items), annotators=annotators(settings, buffer_kinds),
@@ -158,8 +164,15 @@ def backfill(
         checkpoint.jobs += 1
         checkpoint.enqueued += len(items)
         checkpoint.last_key = last_key
-        if checkpoints is not None and sender is not None:
-            checkpoints.save(checkpoint)
+        if sender is not None and not sender.batching:
+            save()
+
+    def save() -> None:
+        """The jobs reach Redis first: a checkpoint never vouches for jobs still in a batch."""
+        if sender is not None:
+            sender.flush()
+            if checkpoints is not None:
+                checkpoints.save(checkpoint)
 
     exhausted = True
     for page in _pages(list_pages, source, checkpoint.last_key):
@@ -183,6 +196,7 @@ def backfill(
                 buffer = []
         if not buffer and not truncated:
             checkpoint.last_key = page[-1].key  # the whole page is queued or skipped
+        save()
         on_progress(checkpoint)
         if room is not None and room <= len(items):
             exhausted = False
@@ -190,8 +204,7 @@ def backfill(
     if buffer:
         send(buffer, buffer[-1].uri[bucket_uri_length:])
     checkpoint.finished = exhausted
-    if checkpoints is not None and sender is not None:
-        checkpoints.save(checkpoint)
+    save()
     on_progress(checkpoint)
     return checkpoint
 

@@ -7,6 +7,8 @@ runs once per listed object, millions of times in a backfill.
 
 from __future__ import annotations
 
+from captioning.uris import ImageLocation
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
 )
@@ -20,3 +22,7 @@ def is_image_key(key: str) -> bool:
 
 def s3_uri(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
+
+
+def s3_location(bucket: str, key: str) -> ImageLocation:
+    return ImageLocation(uri=s3_uri(bucket, key), scheme="s3", bucket=bucket, key=key)

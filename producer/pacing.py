@@ -8,6 +8,7 @@ is for sharing a store's request budget or a downstream quota.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,12 +44,17 @@ class QueueGate:
         self._sleep = sleep
         self._estimate = max_images  # unknown: look at the first send
         self.paused_s = 0.0
+        self._lock = threading.Lock()  # parallel listing shares one gate
 
     def depth(self) -> int:
         return int(self._redis.llen(self._queue)) * self._images_per_job
 
     def wait(self, images: int) -> None:
         """Return once `images` more fit under the cap (always, if the queue is empty)."""
+        with self._lock:
+            self._wait(images)
+
+    def _wait(self, images: int) -> None:
         self._estimate += images
         if self._estimate <= self._max_images:
             return
@@ -73,8 +79,13 @@ class RateLimiter:
         self._clock = clock
         self._allowance = per_second
         self._last = clock()
+        self._lock = threading.Lock()  # parallel listing shares one limit
 
     def acquire(self, images: int) -> None:
+        with self._lock:
+            self._acquire(images)
+
+    def _acquire(self, images: int) -> None:
         now = self._clock()
         self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
         self._last = now

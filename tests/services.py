@@ -34,12 +34,15 @@ class SeaweedS3:
     directory: Path
     process: subprocess.Popen[bytes] | None = None
     s3_port: int = 0
+    metrics_port: int = 0
     #: An identities file (as deploy/seaweedfs/s3.json): requests must then be signed by one.
     s3_config: Path | None = None
 
     def start(self) -> None:
         if not self.s3_port:
             self.s3_port = free_port()
+        if not self.metrics_port:
+            self.metrics_port = free_port()
         ports = {name: free_port() for name in ("master", "volume", "filer")}
         grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ class SeaweedS3:
                 f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
                 "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={grpc['s3']}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0",
-                f"-metricsPort={free_port()}",
+                f"-metricsPort={self.metrics_port}",
                 *([f"-s3.config={self.s3_config}"] if self.s3_config else []),
             ],
             stdout=log,

@@ -101,7 +101,7 @@ def test_scaled_object_query_equals_the_true_backlog(
     send_backlog(backlog_broker.url, {BULK_QUEUE: [32] * 70, REALTIME_QUEUE: [1, 2, 3]})
     with Connection(backlog_broker.url) as connection:
         reserved = connection.SimpleQueue(BULK_QUEUE, no_ack=False).get(timeout=5)
-        in_flight = len(reserved.payload[0][0]["items"])
+        in_flight = len(reserved.payload[0][0]["keys"])
         true_backlog = 69 * 32 + 6 + in_flight
 
         trigger = yaml.safe_load(SCALED_OBJECT.read_text())["spec"]["triggers"][0]["metadata"]

@@ -168,8 +168,7 @@ def test_dead_letters_end_to_end_list_requeue_purge(
         listed = [json.loads(line) for line in run_cli(env, "dead", "list").stdout.splitlines()]
         assert [letter["queue"] for letter in listed] == [BULK_QUEUE, BULK_QUEUE]
         assert listed[0]["reason"].startswith("DatabaseUnavailable")
-        assert listed[0]["payload"]["items"] == [{"uri": uris[0], "etag": None,
-                                                  "version_id": None}]
+        assert CaptionJob.from_message(listed[0]["payload"]).items == (JobItem(uri=uris[0]),)
 
         fixed = worker_env(settings_env(settings.model_copy(update={"broker_url": broker.url})))
         rig.env = fixed

@@ -31,6 +31,7 @@ from captioning.results import CaptionRow, ResultsStore
 from captioning.settings import Settings
 from captioning.storage import S3Store
 from captioning.uris import parse_prefix
+from captioning.wire import expand
 from producer.backfill import Pacing, backfill
 from producer.batcher import LingerBatcher
 from producer.dedupe import Deduper
@@ -69,7 +70,8 @@ def test_queue(settings: Settings) -> Iterator[str]:
 
 def queued_jobs(settings: Settings, queue: str) -> list[dict[str, object]]:
     raw = redis.Redis.from_url(settings.broker_url).lrange(queue, 0, -1)
-    return [job for job in map(job_of, reversed(raw)) if job is not None]
+    jobs = (job_of(message) for message in reversed(raw))
+    return [expand(job) for job in jobs if job is not None]  # type: ignore[misc]
 
 
 def queued_uris(settings: Settings, queue: str) -> list[str]:

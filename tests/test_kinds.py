@@ -158,7 +158,8 @@ def upgrade_keeps_old_rows(store: ResultsStore) -> None:
             "'w')"
         ))
     assert store.create_schema() == [
-        "kind", "tags", "match_probability", "itc_cosine", "scorer", "candidates"
+        "content_digest", "kind", "tags", "match_probability", "itc_cosine", "scorer",
+        "candidates",
     ]
     assert store.create_schema() == []
     [old] = store.rows()

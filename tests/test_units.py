@@ -117,8 +117,45 @@ def test_jobs_round_trip_and_batch() -> None:
     assert [len(job.items) for job in jobs] == [32, 32, 6]
     message = json.loads(json.dumps(jobs[0].to_message()))
     assert CaptionJob.from_message(message) == jobs[0]
-    assert set(message) == {"items", "model", "prompt", "source", "enqueued_at"}
-    assert message["items"][0] == {"uri": "s3://b/0.jpg", "etag": None, "version_id": None}
+    assert set(message) == {"base", "keys", "model", "prompt", "source", "enqueued_at"}
+    assert (message["base"], message["keys"][:2]) == ("s3://b/", ["0.jpg", "1.jpg"])
+    original = {**jobs[0].model_dump(mode="json")}
+    assert CaptionJob.from_message(original) == jobs[0]  # messages from older producers
+
+
+def test_compact_form_keeps_etags_versions_and_mixed_prefixes() -> None:
+    items = (
+        JobItem(uri="s3://b/dir/a.jpg", etag="e1"),
+        JobItem(uri="s3://b/dir/sub/b.jpg", version_id="v2"),
+        JobItem(uri="s3://other/c.jpg"),
+        JobItem(uri="file:///srv/d.jpg", etag="e4"),
+    )
+    job = CaptionJob(items=items, model="m", prompt="p", source="cli", enqueued_at=5.0)
+    message = json.loads(json.dumps(job.to_message()))
+    assert message["base"] == ""
+    assert message["etags"] == ["e1", None, None, "e4"]
+    assert message["versions"] == [None, "v2", None, None]
+    assert CaptionJob.from_message(message) == job
+    same_dir = CaptionJob(items=items[:2], model="m", source="cli").to_message()
+    assert (same_dir["base"], same_dir["keys"]) == ("s3://b/dir/", ["a.jpg", "sub/b.jpg"])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({"keys": "a.jpg", "model": "m", "source": "cli"}, "keys a list"),
+        ({"base": 3, "keys": ["a"], "model": "m", "source": "cli"}, "base must be a string"),
+        ({"keys": [1], "model": "m", "source": "cli"}, "keys must be strings"),
+        ({"keys": ["a"], "etags": [], "model": "m", "source": "cli"}, "etags must be a list"),
+        ({"keys": ["a"], "items": [], "model": "m", "source": "cli"}, "not both"),
+        ({"base": "s3://b/", "keys": [], "model": "m", "source": "cli"}, "items"),
+        ({"base": "s3://b/", "keys": ["a"] * 5000, "model": "m", "source": "cli"}, "items"),
+        ({"base": "s3://b/", "keys": ["a"], "model": "m", "source": "cli", "x": 1}, "x"),
+    ],
+)
+def test_malformed_compact_jobs_are_rejected_with_a_reason(payload: object, reason: str) -> None:
+    with pytest.raises(InvalidJob, match=reason):
+        CaptionJob.from_message(payload)
 
 
 def test_job_of_reads_a_raw_kombu_message() -> None:
@@ -126,6 +163,9 @@ def test_job_of_reads_a_raw_kombu_message() -> None:
     body = base64.b64encode(json.dumps([[job], {}, {}]).encode()).decode()
     raw = json.dumps({"body": body, "properties": {"body_encoding": "base64"}})
     assert images_in(job_of(raw)) == 3
+    compact = {"base": "s3://b/", "keys": ["k1", "k2"], "enqueued_at": 1.0}
+    unencoded = json.dumps({"body": json.dumps([[compact], {}, {}]), "properties": {}})
+    assert images_in(job_of(unencoded)) == 2
     assert job_of(b"garbage") is None
     assert images_in(None) == 0
 

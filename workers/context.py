@@ -64,7 +64,9 @@ class WorkerContext:
             settings=settings,
             stores=stores,
             results=results,
-            writer=ResultWriter(results, stores, settings.results_uri, io_pool),
+            writer=ResultWriter(
+                results, stores, settings.results_uri, io_pool, settings.results_format
+            ),
             runtimes=runtimes,
             io_pool=io_pool,
             decode_pool=decode_pool,

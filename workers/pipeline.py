@@ -11,6 +11,7 @@ a transient store failure propagates (the job is retried).
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -55,6 +56,7 @@ class ItemState:
     #: the job, in order; the others: one).
     results: dict[str, list[Annotation]] = field(default_factory=dict)
     error: ImageError | None = None
+    digest: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -110,6 +112,7 @@ class Stages:
             return
         state.etag, state.version_id = fetched.etag, fetched.version_id
         state.nbytes = len(fetched.data)
+        state.digest = hashlib.sha256(fetched.data).hexdigest()
         try:
             self.decode_pool.submit(self._decode, state, fetched.data).result()
         except ImageError as exc:
@@ -173,14 +176,18 @@ def annotate_stream(
     turn: AbstractContextManager[object],
     *,
     lookahead: int,
+    earlier: Mapping[str, EarlierResults] | None = None,
 ) -> None:
     """Annotate `states` with every kind of `runtimes`, in that order (a kind after those it
     builds on), as their pixels arrive, `lookahead` images prepared ahead; the caption kind
     with every one of `prompts` (one vision pass per micro-batch), the other kinds with the
     first. The models (`turn`) are taken once the first batch is ready and held to the
-    last, so the jobs in flight finish in the order they got them."""
+    last, so the jobs in flight finish in the order they got them. With `earlier` (content
+    dedupe), a kind's images whose bytes already have a result get it copied and skip that
+    model."""
     if not runtimes:
         return
+    earlier = earlier or {}
     batches = micro_batches(
         stages.stream(states, lookahead),
         lambda: max(runtime.batch_size for runtime in runtimes.values()),
@@ -191,13 +198,16 @@ def annotate_stream(
     with turn:
         for batch in chain([first], batches):
             for kind, runtime in runtimes.items():
+                todo = batch if kind not in earlier else copy_earlier(batch, kind, earlier[kind])
+                if not todo:
+                    continue
                 with metrics.STAGE_SECONDS.labels("generate", kind).time():
                     results = annotate_kind(
-                        kind, runtime, [s.pixels[kind] for s in batch], prompts,
-                        [s.results for s in batch],
+                        kind, runtime, [s.pixels[kind] for s in todo], prompts,
+                        [s.results for s in todo],
                     )
-                metrics.BATCH_SIZE.labels(kind).observe(len(batch))
-                for state, result in zip(batch, results, strict=True):
+                metrics.BATCH_SIZE.labels(kind).observe(len(todo))
+                for state, result in zip(todo, results, strict=True):
                     state.results[kind] = result
             for state in batch:
                 state.pixels = {}
@@ -227,3 +237,24 @@ def annotate_kind(
             )
         ],
     )
+
+
+EarlierResults = Callable[[list[str]], dict[str, str]]
+"""content digests -> {digest: text} of earlier `ok` rows for this job's model and prompt."""
+
+
+def copy_earlier(
+    batch: list[ItemState], kind: str, earlier: EarlierResults
+) -> list[ItemState]:
+    """Give each image whose bytes were annotated before by this kind's model that result;
+    return the rest, which still need the model."""
+    found = earlier([state.digest for state in batch if state.digest])
+    rest = []
+    for state in batch:
+        text = found.get(state.digest or "")
+        if text is None:
+            rest.append(state)
+        else:
+            state.results[kind] = [Annotation(text=text)]
+    metrics.DEDUPED.inc(len(batch) - len(rest))
+    return rest

@@ -14,7 +14,7 @@ one model, so one job's fetch, decode and write overlap another's generation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -32,7 +32,7 @@ from captioning.uris import allowed_location
 from workers.app import app
 from workers.context import WorkerContext, get_context
 from workers.delivery import GuardedTask
-from workers.pipeline import ItemState, annotate_stream
+from workers.pipeline import EarlierResults, ItemState, annotate_stream
 from workers.retry import backoff_seconds
 from workers.routing import plan
 
@@ -75,6 +75,7 @@ def process_job(job: CaptionJob, ctx: WorkerContext, queue: str) -> Outcome:
             max((2 * runtime.batch_size for runtime in runtimes.values()), default=0),
             settings.fetch_concurrency,
         ),
+        earlier=dedupe_lookups(ctx, routes.run, prompts),
     )
     finished = utcnow()
     rows = [
@@ -97,6 +98,20 @@ def process_job(job: CaptionJob, ctx: WorkerContext, queue: str) -> Outcome:
         for kind, model in routes.forward.items()
     ]
     return Outcome(rows=rows, forward=forward)
+
+
+def dedupe_lookups(
+    ctx: WorkerContext, models: Mapping[str, str], prompts: Sequence[str]
+) -> dict[str, EarlierResults]:
+    """With CAPTIONER_CONTENT_DEDUPE, the caption kind of a one-prompt job looks up earlier
+    captions of the same bytes for its model and prompt. Other kinds (tags) and jobs of
+    several prompts always run: only one text is copied."""
+    if not ctx.settings.content_dedupe or CAPTION.name not in models or len(prompts) != 1:
+        return {}
+    model, row_text_prompt = models[CAPTION.name], row_prompts(CAPTION.name, prompts)[0]
+    return {CAPTION.name: lambda digests: ctx.results.earlier_captions(
+        digests, model, row_text_prompt
+    )}
 
 
 def _row(
@@ -134,6 +149,7 @@ def _row(
         enqueued_at=datetime.fromtimestamp(job.enqueued_at, UTC),
         finished_at=finished,
         worker=worker,
+        content_digest=state.digest,
         kind=kind,
         tags=ok.tags if ok else None,
         match_probability=ok.match_probability if ok else None,
