@@ -33,12 +33,22 @@ ARROW_TYPES: dict[type, pa.DataType] = {
 }
 
 
+#: Columns whose Python type says too little for Arrow: CapFilt's candidates, each
+#: `{"text", "match_probability", "itc_cosine"}` (workers/runtimes/base.Candidate).
+ARROW_COLUMNS: dict[str, pa.DataType] = {
+    "candidates": pa.list_(pa.struct([
+        ("text", pa.string()), ("match_probability", pa.float64()), ("itc_cosine", pa.float64()),
+    ])),
+}
+
+
 def _arrow_field(name: str, hint: object) -> pa.Field:
     args = get_args(hint)
     nullable = get_origin(hint) in (Union, types.UnionType) and type(None) in args
     if nullable:
         (hint,) = [arg for arg in args if arg is not type(None)]
-    return pa.field(name, _arrow_type(name, hint), nullable=nullable)
+    arrow_type = ARROW_COLUMNS.get(name) or _arrow_type(name, hint)
+    return pa.field(name, arrow_type, nullable=nullable)
 
 
 def _arrow_type(name: str, hint: object) -> pa.DataType:

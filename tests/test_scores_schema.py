@@ -9,15 +9,17 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, inspect
 
+from captioning.parquet import parquet_bytes
 from captioning.results import CaptionRow, ResultsStore, captions
 from cli.results import format_table, write_rows
 
 SCORE_COLUMNS = {"match_probability", "itc_cosine", "scorer", "candidates"}
-#: The columns added since the first release: the scores and the kinds'.
-NEW_COLUMNS = SCORE_COLUMNS | {"kind", "tags"}
+#: The columns added since the first release: the scores, the kinds' and the digest.
+NEW_COLUMNS = SCORE_COLUMNS | {"kind", "tags", "content_digest"}
 
 
 def old_table(metadata: MetaData) -> Table:
@@ -101,3 +103,14 @@ def test_results_output_shows_scores_and_candidates() -> None:
     write_rows(rows, "csv", out)
     records = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert json.loads(records[0]["candidates"]) == candidates and records[1]["candidates"] == ""
+
+
+def test_parquet_holds_scores_and_candidates() -> None:
+    candidates = [{"text": "a cat", "match_probability": 0.9, "itc_cosine": 0.3},
+                  {"text": "a dog", "match_probability": 0.2, "itc_cosine": 0.1}]
+    rows = [row("s3://b/new.jpg", match_probability=0.9, itc_cosine=0.3, scorer="itm",
+                candidates=candidates), row("s3://b/old.jpg")]
+    table = pq.read_table(io.BytesIO(parquet_bytes(rows))).to_pylist()
+    assert table[0]["candidates"] == candidates and table[0]["scorer"] == "itm"
+    assert table[0]["match_probability"] == 0.9
+    assert table[1]["candidates"] is None and table[1]["match_probability"] is None
