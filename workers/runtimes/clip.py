@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
-from transformers.utils import logging as hf_logging
 
 from captioning.errors import ModelLoadError
 from captioning.settings import Settings
@@ -88,23 +87,13 @@ class ClipRuntime:
     def load(cls, settings: Settings) -> ClipRuntime:
         """Load `settings.clip_model` (HF id, local directory or tiny twin) on the worker's
         device and dtype; ModelLoadError says what to do when it cannot."""
-        hf_logging.disable_progress_bar()
-        device = loading.device(settings.device)
-        dtype = loading.dtype(settings.dtype, device)
-        with loading.checkpoint(settings.clip_model, setting="CAPTIONER_CLIP_MODEL") as source:
-            try:
-                processor = CLIPProcessor.from_pretrained(
-                    source.location, local_files_only=source.local_only
-                )
-                model = CLIPModel.from_pretrained(
-                    source.location, dtype=dtype, local_files_only=source.local_only
-                ).to(device)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"cannot load CLIP model {settings.clip_model!r} on {device}: {exc}"
-                ) from exc
-        model.eval()
-        return cls(name=settings.clip_model, model=model, processor=processor, dtype=dtype)
+        loaded = loading.load_pretrained(
+            settings.clip_model, setting="CAPTIONER_CLIP_MODEL", what="CLIP model",
+            processor_class=CLIPProcessor, model_class=CLIPModel,
+            device_name=settings.device, dtype_name=settings.dtype,
+        )
+        return cls(name=settings.clip_model, model=loaded.model, processor=loaded.processor,
+                   dtype=loaded.dtype)
 
     def to_pixels(self, image: Image.Image) -> ModelPixels:
         """One decoded RGB image -> uint8 centre crop at CLIP's resolution (thread-safe)."""

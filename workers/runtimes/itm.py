@@ -25,9 +25,7 @@ from transformers import (
     Blip2Processor,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging
 
-from captioning.errors import ModelLoadError
 from captioning.settings import Settings
 from workers.pixels import ModelPixels, Normalizer, PixelSpec
 from workers.runtimes import loading
@@ -88,22 +86,12 @@ class ScoreModel:
         """Load `settings.scorer` (HF id, local directory or tiny twin) by the captioner's
         rules: same device, dtype and cache. Raises ModelLoadError saying what to do."""
         assert settings.scorer is not None
-        hf_logging.disable_progress_bar()
-        device = loading.device(settings.device)
-        dtype = loading.dtype(settings.dtype, device)
-        with loading.checkpoint(settings.scorer, setting="CAPTIONER_SCORER") as source:
-            try:
-                processor = Blip2Processor.from_pretrained(
-                    source.location, local_files_only=source.local_only
-                )
-                model = Blip2ForImageTextRetrieval.from_pretrained(
-                    source.location, dtype=dtype, local_files_only=source.local_only
-                ).to(device)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"cannot load ITM scorer {settings.scorer!r} on {device}: {exc}"
-                ) from exc
-        model.eval()
+        loaded = loading.load_pretrained(
+            settings.scorer, setting="CAPTIONER_SCORER", what="ITM scorer",
+            processor_class=Blip2Processor, model_class=Blip2ForImageTextRetrieval,
+            device_name=settings.device, dtype_name=settings.dtype,
+        )
+        processor, model, dtype = loaded.processor, loaded.model, loaded.dtype
         processor.tokenizer.padding_side = "right"  # ITC reads the first ([CLS]) position
         spec = PixelSpec.from_processor(processor.image_processor)
         return cls(name=settings.scorer, model=model, tokenizer=processor.tokenizer,

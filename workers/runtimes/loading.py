@@ -18,11 +18,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.constants import is_offline_mode
 from transformers import BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from captioning.errors import ModelLoadError
 from captioning.settings import Quantization
@@ -41,6 +43,41 @@ class Source:
 
     location: str
     local_only: bool
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A processor and its model, placed on the worker's device and dtype."""
+
+    processor: Any
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_pretrained(
+    model: str, *, setting: str, what: str, processor_class: Any, model_class: Any,
+    device_name: str | None, dtype_name: str | None,
+) -> Loaded:
+    """Load a transformers processor and model by the shared rules (twin, directory, cached
+    or downloaded id), in eval mode; ModelLoadError names the setting to fix."""
+    hf_logging.disable_progress_bar()
+    on = device(device_name)
+    precision = dtype(dtype_name, on)
+    with checkpoint(model, setting=setting) as source:
+        try:
+            processor = processor_class.from_pretrained(
+                source.location, local_files_only=source.local_only
+            )
+            loaded = model_class.from_pretrained(
+                source.location, dtype=precision, local_files_only=source.local_only
+            ).to(on)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load {what} {model!r} on {on} (set {setting}): {exc}"
+            ) from exc
+    loaded.eval()
+    return Loaded(processor=processor, model=loaded, device=on, dtype=precision)
 
 
 @contextmanager
