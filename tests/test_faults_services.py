@@ -110,6 +110,16 @@ def wait_for_some_rows(rig: Rig, prefix: str, at_least: int = 1) -> None:
         time.sleep(0.1)
 
 
+def sidecar_count(s3, prefix: str, expected: int, timeout: float = 60) -> int:
+    """Sidecars under `prefix`, waiting for `expected`: they are put just after the rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = s3.list_objects_v2(Bucket="uploads", Prefix=prefix)["KeyCount"]
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.5)
+
+
 def test_object_store_outage_fails_no_image(store: SeaweedS3, rig: Rig, prefix: str) -> None:
     s3 = store.client()
     uris = put(s3, prefix, images(40))
@@ -124,8 +134,7 @@ def test_object_store_outage_fails_no_image(store: SeaweedS3, rig: Rig, prefix: 
     rows = one_row_each(rig.results, uris, timeout=150)
     assert {r.status for r in rows.values()} == {"ok"}, [r.error for r in rows.values()]
     assert "StoreUnavailable" in worker.log()  # the outage was met, and retried
-    sidecars = s3.list_objects_v2(Bucket="uploads", Prefix=f"captions/photos/{prefix}")
-    assert sidecars["KeyCount"] == len(uris)
+    assert sidecar_count(s3, f"captions/photos/{prefix}", len(uris)) == len(uris)
 
 
 def test_an_object_store_outage_costs_one_retry_layer_of_gets(
