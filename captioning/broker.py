@@ -54,6 +54,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_index_key": UNACKED_INDEX_KEY,
         # Longer than the longest job plus its longest retry countdown (celery#5935).
         "visibility_timeout": settings.visibility_timeout_s,
+        # The fetch script sets it on the worker's held set, as the heartbeat does.
+        "held_ttl": settings.held_ttl_s,
         # The sweep restores what the heartbeat reaper released (captioning/heartbeats.py)
         # and what outlived the visibility timeout: often, so a vanished worker's job is
         # back within seconds of its heartbeat expiring.

@@ -48,19 +48,33 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return now
 """
 
-_REAP = """
+#: Hands a worker's held tags to kombu's sweep and forgets the worker; returns the tags
+#: still reserved (those acked meanwhile are no longer in the index).
+_RELEASE = """
+local function release(heartbeats, index, held_prefix, id)
+  local held = held_prefix .. id
+  local claimed = 0
+  for _, tag in ipairs(redis.call('SMEMBERS', held)) do
+    claimed = claimed + redis.call('ZADD', index, 'XX', 'CH', 0, tag)
+  end
+  redis.call('DEL', held)
+  redis.call('ZREM', heartbeats, id)
+  return claimed
+end
+"""
+
+_REAP = _RELEASE + """
 local now = tonumber(redis.call('TIME')[1])
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))
 local claimed = 0
 for _, id in ipairs(dead) do
-  local held = ARGV[2] .. id
-  for _, tag in ipairs(redis.call('SMEMBERS', held)) do
-    claimed = claimed + redis.call('ZADD', KEYS[2], 'XX', 'CH', 0, tag)
-  end
-  redis.call('DEL', held)
-  redis.call('ZREM', KEYS[1], id)
+  claimed = claimed + release(KEYS[1], KEYS[2], ARGV[2], id)
 end
 return {#dead, claimed}
+"""
+
+_LEAVE = _RELEASE + """
+return release(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 """
 
 _worker_id: tuple[int, str] | None = None
@@ -95,6 +109,7 @@ class Heartbeat:
         self._id = worker_id()
         self._beat = client.register_script(_BEAT)
         self._reap = client.register_script(_REAP)
+        self._leave = client.register_script(_LEAVE)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -114,15 +129,22 @@ class Heartbeat:
         )
         return Reaped(int(workers), int(jobs))
 
-    def stop(self) -> None:
-        """Leave the zset: a worker that shut down holds nothing (kombu restored it)."""
+    def stop(self) -> Reaped:
+        """Leave the zset, releasing what this worker still holds.
+
+        kombu restores the jobs it delivered at shutdown; what is left is a job fetched whose
+        reply was never read, which other workers' sweeps then restore at once.
+        """
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         try:
-            pipe = self._client.pipeline()
-            pipe.zrem(HEARTBEATS_KEY, self._id).delete(held_key(self._id)).execute()
+            jobs = self._leave(keys=[HEARTBEATS_KEY, UNACKED_INDEX_KEY],
+                               args=[HELD_PREFIX, self._id])
         except redis.RedisError as exc:
             log.warning("cannot remove this worker's heartbeat (%s); it expires by itself", exc)
+            return Reaped(0, 0)
+        return Reaped(1, int(jobs))
 
     def _run(self) -> None:
         while True:

@@ -20,6 +20,10 @@ UNACKED_INDEX_KEY = "unacked_index"
 #: Zset of consuming worker processes, scored by their last heartbeat (Redis server time).
 HEARTBEATS_KEY = "captioner:heartbeats"
 
+#: A list nobody writes: an idle worker blocks on it (BLPOP with a timeout) between two
+#: fetches (captioning/transport.py).
+FETCH_IDLE_KEY = "captioner:fetch:idle"
+
 #: Lock (SET NX PX) held by the one process sweeping pending uploads (captioning/reconcile.py).
 RECONCILER_LOCK_KEY = "captioner:reconciler"
 

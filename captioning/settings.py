@@ -188,6 +188,12 @@ class Settings(BaseSettings):
         held = self.job_deadline_s * turns + self.retry_backoff_max_s
         return math.ceil(held * 1.25)
 
+    @property
+    def held_ttl_s(self) -> int:
+        """Life of a worker's `held` set without a beat: longer than any delivery in it, so
+        only a worker gone for good (and never reaped) leaves one behind, for this long."""
+        return 2 * self.visibility_timeout_s
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -80,7 +80,7 @@ def _start_fleet_duties(**_: object) -> None:
     settings = get_settings()
     client = redis_client(settings.broker_url, retries=0, timeout_s=5)  # both loop on errors
     _heartbeat = Heartbeat(
-        client, ttl_s=settings.heartbeat_ttl_s, held_ttl_s=2 * settings.visibility_timeout_s
+        client, ttl_s=settings.heartbeat_ttl_s, held_ttl_s=settings.held_ttl_s
     )
     _heartbeat.start()
     log.info("heartbeat %s every %.1f s; jobs of workers silent for %d s are requeued",
