@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from captioning.keys import HEARTBEATS_KEY, UNACKED_KEY, held_key  # noqa: E402
+from captioning.messages import CaptionJob  # noqa: E402
 from captioning.queues import job_of  # noqa: E402
 from captioning.results import ResultsStore, captions  # noqa: E402
 from captioning.settings import Settings  # noqa: E402
@@ -143,7 +144,8 @@ def uris_of(soak: Soak, tags: list[str]) -> list[str]:
     uris = []
     for raw in client.hmget(UNACKED_KEY, tags):
         job = job_of(json.dumps(json.loads(raw)[0])) if raw else None
-        uris += [item["uri"] for item in (job or {}).get("items", [])]
+        if job is not None:  # either wire form, as a worker reads it
+            uris += [item.uri for item in CaptionJob.from_message(job).items]
     return uris
 
 

@@ -4,7 +4,12 @@ Every client gets timeouts, so a vanished broker is an error and not a hang, TCP
 and an explicit retry policy rather than redis-py's default (which changed in redis-py 6).
 Callers that can wait (dead letters, delivery counts, checkpoints, dedupe) ride out a short
 Redis restart; probes, scrapes and heartbeats have their own deadline or their own loop and
-fail fast with `retries=0`.
+fail fast with `retries=0`; a command a person waits on (`status`, `dead`) gives up on a
+Redis that accepts connections and never answers within about 10 s.
+
+No `health_check_interval`: its PING runs inside the command's own retry loop and retries
+as well, so a silent Redis cost (retries + 1)^2 socket timeouts, six minutes a command.
+A dead idle connection is found by the command that uses it and retried like any other.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from redis.retry import Retry
 DEFAULT_RETRIES = 5
 DEFAULT_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+COMMAND_RETRIES = 1
+COMMAND_TIMEOUT_S = 4.0
 
 
 def redis_client(
@@ -29,7 +36,11 @@ def redis_client(
         socket_timeout=timeout_s,
         socket_connect_timeout=min(CONNECT_TIMEOUT_S, timeout_s),
         socket_keepalive=True,
-        health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+def command_client(broker_url: str) -> redis.Redis:
+    """For a command a person waits on: one retry, short timeouts."""
+    return redis_client(broker_url, retries=COMMAND_RETRIES, timeout_s=COMMAND_TIMEOUT_S)

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from captioning.connections import redis_client
+import redis
+
 from captioning.keys import DEAD_QUEUE
 
 
@@ -25,8 +26,8 @@ class DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, broker_url: str) -> None:
-        self._redis = redis_client(broker_url)
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
 
     def push(self, payload: object, *, reason: str, queue: str) -> None:
         record = {"payload": payload, "reason": reason, "queue": queue, "failed_at": time.time()}

@@ -28,7 +28,7 @@ class QueueCollector(Collector):
     def __init__(self, broker_url: str) -> None:
         # No retries: a scrape has its own deadline, and the next one comes soon.
         self._client = redis_client(broker_url, retries=0, timeout_s=5)
-        self._dead = DeadLetters(broker_url)
+        self._dead = DeadLetters(self._client)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("captioner_exporter_broker_up", "1 if Redis answered this scrape.")

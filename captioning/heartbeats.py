@@ -9,8 +9,9 @@ So, like dramatiq's Redis broker (a heartbeat zset, per-worker ack sets, dead wo
 messages moved back by the fetch script) and Sidekiq's super_fetch (a private list per
 process, orphans pushed back once the process's heartbeat key has expired):
 
-- each consuming worker process adds the delivery tags it reserves to its own `held` set
-  (captioning/transport.py) and removes them when it acks or rejects;
+- each consuming worker process adds the delivery tag of a job to its own `held` set in the
+  same Lua script that takes the job off its queue (captioning/fetch.py), and removes it
+  when it acks or rejects (captioning/transport.py);
 - a thread in that process writes its id into the `heartbeats` zset every TTL/4 seconds,
   scored by Redis's own clock (no skew between hosts); it is a thread of the main worker
   process, which a long `generate()` in the pool never blocks;
@@ -23,7 +24,7 @@ process, orphans pushed back once the process's heartbeat key has expired):
 A worker that is slow but alive keeps beating and keeps its jobs. One stalled past the TTL
 (a partition, a stop) loses them to another worker; if it finishes anyway, its rows are
 upserts (one row per image, `attempts` 2). The visibility timeout stays as the last resort
-(a worker that died before its first beat).
+(a held set lost with Redis's data, say).
 """
 
 from __future__ import annotations

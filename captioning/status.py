@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from captioning.broker import create_app
 from captioning.checkpoints import Checkpoint, Checkpoints
-from captioning.connections import redis_client
+from captioning.connections import command_client
 from captioning.durability import read_durability
 from captioning.keys import UNACKED_KEY
 from captioning.messages import WAITING_QUEUES
@@ -66,7 +66,7 @@ class StatusReport:
 
 
 def collect_status(settings: Settings, *, window_s: int) -> StatusReport:
-    client = redis_client(settings.broker_url)
+    client = command_client(settings.broker_url)
     results = ResultsStore(settings.database_url)
     try:
         recent = results.finished_since(utcnow() - timedelta(seconds=window_s))

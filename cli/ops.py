@@ -103,13 +103,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dead(args: argparse.Namespace) -> int:
     from captioning.broker import create_app
+    from captioning.connections import command_client
     from captioning.deadletters import DeadLetter, DeadLetters
     from captioning.errors import InvalidJob
     from captioning.messages import CaptionJob
     from producer.enqueue import JobSender
 
     settings = get_settings()
-    letters = DeadLetters(settings.broker_url)
+    letters = DeadLetters(command_client(settings.broker_url))
     if args.action == "list":
         for letter in letters.list(args.limit):
             print(json.dumps(letter.__dict__, default=str))

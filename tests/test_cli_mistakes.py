@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -91,6 +92,14 @@ MISTAKES: dict[str, Mistake] = {
     **{
         f"broker-wrong-password-{name}": Mistake(
             EVERY_COMMAND[name], {"CAPTIONER_BROKER_URL": "redis://:wrong@{redis_host}/0"},
+            "CAPTIONER_BROKER_URL",
+        )
+        for name in ("enqueue", "status", "dead-list")
+    },
+    # Accepts connections and never answers (a hung Redis, a black-holing proxy).
+    **{
+        f"broker-silent-{name}": Mistake(
+            EVERY_COMMAND[name], {"CAPTIONER_BROKER_URL": "redis://{silent_host}/0"},
             "CAPTIONER_BROKER_URL",
         )
         for name in ("enqueue", "status", "dead-list")
@@ -244,10 +253,17 @@ def good_env(
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
+@pytest.fixture(scope="module")
+def silent_host() -> Iterator[str]:
+    """A port whose kernel completes connections that nobody ever reads or answers."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as server:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
 @pytest.fixture
 def captioner(
     good_env: dict[str, str], broker: RedisServer, postgres_url: str, sqs_queue: str,
-    tmp_path: Path,
+    silent_host: str, tmp_path: Path,
 ) -> Run:
     """Runs `python -m cli [extra] <the mistake's args>` in the good environment but for it."""
     fill = {
@@ -255,6 +271,7 @@ def captioner(
         "sqs": sqs_queue.rsplit("/", 2)[0],  # http://host:port/<account>/<name>
         "tmp": str(tmp_path),
         "redis_host": f"127.0.0.1:{broker.port}",
+        "silent_host": silent_host,
         "postgres_nobody": postgres_url.replace("postgres@", "nobody@", 1),
     }
 

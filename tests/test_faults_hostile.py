@@ -19,6 +19,7 @@ from celery import Celery
 from sqlalchemy import text
 
 from captioning.broker import celery_config, create_app
+from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
 from captioning.errors import ImageTooLarge, ObjectMissing, WorkerLost
 from captioning.keys import DEAD_QUEUE
@@ -92,7 +93,7 @@ def test_pickle_and_other_non_json_payloads_are_refused(
 @pytest.mark.usefixtures("worker")
 def test_malformed_jobs_are_dead_lettered_with_a_reason(settings: Settings) -> None:
     app = create_app(settings)
-    letters = DeadLetters(settings.broker_url)
+    letters = DeadLetters(redis_client(settings.broker_url))
     before = len(letters)
     good = CaptionJob(items=(JobItem(uri="s3://forbidden/x.jpg"),), model=settings.model,
                       source="cli").to_message()
@@ -160,7 +161,7 @@ def test_dead_letters_end_to_end_list_requeue_purge(
         uris = put(s3, prefix, {"a.png": photo_bytes()["coffee.png"]})
         rig.start_worker()
         rig.send(uris, f"dead-{uuid.uuid4().hex}")
-        letters = DeadLetters(broker.url)
+        letters = DeadLetters(broker.client())
         wait_until(lambda: len(letters) == 1, 60, "the job to be dead-lettered")
         letters.push({"items": "garbage"}, reason="hand-written", queue=BULK_QUEUE)
         rig.workers.pop().stop()

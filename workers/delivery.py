@@ -202,7 +202,7 @@ class GuardedTask(Task):
         self, payload: object, reason: str, queue: str, settings: Settings
     ) -> None:
         log.warning("message from %s moved to dead letters: %s", queue, reason)
-        DeadLetters(settings.broker_url).push(payload, reason=reason, queue=queue)
+        DeadLetters(redis_client(settings.broker_url)).push(payload, reason=reason, queue=queue)
         metrics.JOBS.labels("invalid", queue).inc()
 
     def _split(self, job: CaptionJob, task_id: str, size: int, queue: str) -> None:

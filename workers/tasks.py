@@ -22,6 +22,7 @@ from celery import Task
 
 from captioning import metrics
 from captioning.broker import send_job
+from captioning.connections import redis_client
 from captioning.deadletters import DeadLetters
 from captioning.errors import ImageError, InvalidJob, TransientError
 from captioning.kinds import CAPTION, row_prompts, with_foundations
@@ -178,7 +179,7 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
         job = CaptionJob.from_message(payload)
     except InvalidJob as exc:
         log.warning("invalid job from %s moved to dead letters: %s", queue, exc)
-        DeadLetters(settings.broker_url).push(payload, reason=str(exc), queue=queue)
+        DeadLetters(redis_client(settings.broker_url)).push(payload, reason=str(exc), queue=queue)
         metrics.JOBS.labels("invalid", queue).inc()
         return {"ok": 0, "failed": 0}
     try:
@@ -191,7 +192,9 @@ def caption_batch(self: Task, payload: object) -> dict[str, int]:
                 send_job(self.app, forwarded, kind_queue_name, producer=producer)
     except Exception as exc:  # any failure is retried, then dead-lettered, never acked as done
         if self.request.retries >= MAX_JOB_RETRIES:
-            DeadLetters(settings.broker_url).push(payload, reason=describe(exc), queue=queue)
+            DeadLetters(redis_client(settings.broker_url)).push(
+                payload, reason=describe(exc), queue=queue
+            )
             metrics.JOBS.labels("dead", queue).inc()
             log.error("job sent to dead letters after %d retries: %s", self.request.retries, exc)
             return {"ok": 0, "failed": 0}
