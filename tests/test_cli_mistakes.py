@@ -263,7 +263,7 @@ def silent_host() -> Iterator[str]:
 @pytest.fixture
 def captioner(
     good_env: dict[str, str], broker: RedisServer, postgres_url: str, sqs_queue: str,
-    silent_host: str, tmp_path: Path,
+    *, silent_host: str, tmp_path: Path,
 ) -> Run:
     """Runs `python -m cli [extra] <the mistake's args>` in the good environment but for it."""
     fill = {

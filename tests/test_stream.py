@@ -194,6 +194,16 @@ def test_several_kinds_share_one_fetch_and_decode(both: WorkerContext, root: Pat
     assert [r.tags for r in tags] == [a.tags for a in direct]
 
 
+def test_a_job_prepares_images_only_for_the_kinds_it_asks_for(both: WorkerContext) -> None:
+    captioner = both.runtimes["caption"]
+    caption_only = both.stages.for_kinds(["caption"])
+
+    assert both.stages.target_size is None  # the tagger takes full resolution
+    assert caption_only.target_size == captioner.decode_size is not None
+    assert list(caption_only.to_pixels) == ["caption"]
+    assert both.stages.for_kinds(["tags", "caption"]) is both.stages
+
+
 def test_a_kind_not_served_is_forwarded_to_its_queue(ctx: WorkerContext, root: Path) -> None:
     (root / "fwd.png").write_bytes(photo_bytes()["chelsea.png"])
     job = CaptionJob.create(

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import TYPE_CHECKING, cast
 
@@ -67,13 +67,14 @@ class ItemState:
 class Stages:
     """What preparing an image needs: where to fetch, how to decode (shrinking to no less
     than `target_size`, None: full resolution) and into which kinds' pixels, which threads
-    run it."""
+    run it. `decode_sizes`: each kind's own, for `for_kinds`."""
 
     stores: Stores
     max_bytes: int
     max_pixels: int
     to_pixels: Mapping[str, Callable[[Image.Image], ModelPixels]]
     target_size: int | None
+    decode_sizes: Mapping[str, int | None]
     io_pool: Executor
     decode_pool: Executor
 
@@ -93,9 +94,25 @@ class Stages:
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             to_pixels={kind: runtime.to_pixels for kind, runtime in runtimes.items()},
-            target_size=decode_size(runtimes.values()),
+            target_size=decode_size(runtime.decode_size for runtime in runtimes.values()),
+            decode_sizes={kind: runtime.decode_size for kind, runtime in runtimes.items()},
             io_pool=io_pool,
             decode_pool=decode_pool,
+        )
+
+    def for_kinds(self, kinds: Iterable[str]) -> Stages:
+        """The stages of a job that asks for `kinds` only: on a worker that also tags, a
+        caption job decodes at the captioner's size, not the tagger's full resolution, and
+        makes no tagger pixels."""
+        wanted = set(kinds)
+        if wanted >= set(self.to_pixels):
+            return self
+        return replace(
+            self,
+            to_pixels={kind: fn for kind, fn in self.to_pixels.items() if kind in wanted},
+            target_size=decode_size(
+                size for kind, size in self.decode_sizes.items() if kind in wanted
+            ),
         )
 
     def prepare(self, state: ItemState) -> None:
@@ -145,11 +162,11 @@ class Stages:
                 future.cancel()
 
 
-def decode_size(runtimes: Iterable[Runtime]) -> int | None:
+def decode_size(sizes: Iterable[int | None]) -> int | None:
     """The side decode may shrink images to: the largest any kind allows, or full resolution
     (None) where one kind needs it."""
-    sizes = [runtime.decode_size for runtime in runtimes]
-    return None if None in sizes else max(size for size in sizes if size is not None)
+    sizes = list(sizes)
+    return None if None in sizes else max((s for s in sizes if s is not None), default=None)
 
 
 def micro_batches(
@@ -189,7 +206,7 @@ def annotate_stream(
         return
     earlier = earlier or {}
     batches = micro_batches(
-        stages.stream(states, lookahead),
+        stages.for_kinds(runtimes).stream(states, lookahead),
         lambda: max(runtime.batch_size for runtime in runtimes.values()),
     )
     first = next(batches, None)
