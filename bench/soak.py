@@ -64,6 +64,8 @@ class WorkerKill:
     at: float
     tags: list[str]
     uris: list[str]
+    #: Celery task ids: a retry is a new message (a new tag) of the same task.
+    tasks: set[str]
     recovered_at: float | None = None
 
     @property
@@ -139,14 +141,17 @@ def held_by(soak: Soak, worker: Worker) -> list[str]:
     return []
 
 
-def uris_of(soak: Soak, tags: list[str]) -> list[str]:
+def held_jobs(soak: Soak, tags: list[str]) -> tuple[list[str], set[str]]:
+    """The URIs and task ids of the reserved messages `tags`."""
     client = soak.redis.client()
-    uris = []
+    uris, tasks = [], set()
     for raw in client.hmget(UNACKED_KEY, tags):
-        job = job_of(json.dumps(json.loads(raw)[0])) if raw else None
+        message = json.loads(raw)[0] if raw else None
+        job = job_of(json.dumps(message)) if message else None
         if job is not None:  # either wire form, as a worker reads it
             uris += [item.uri for item in CaptionJob.from_message(job).items]
-    return uris
+            tasks.add(message["headers"]["id"])
+    return uris, tasks
 
 
 def kill_whole_worker(soak: Soak) -> None:
@@ -156,10 +161,10 @@ def kill_whole_worker(soak: Soak) -> None:
     if not holding:
         return
     index, tags = random.choice(holding)
-    uris = uris_of(soak, tags)
+    uris, tasks = held_jobs(soak, tags)
     worker = soak.workers[index]
     os.killpg(worker.pid, signal.SIGKILL)
-    soak.kills.append(WorkerKill(time.monotonic(), tags, uris))
+    soak.kills.append(WorkerKill(time.monotonic(), tags, uris, tasks))
     worker.process.wait(timeout=30)
     soak.fault(f"whole worker {index} SIGKILLed holding {len(tags)} job(s) of {len(uris)} "
                "images (spot VM gone), then started again")
@@ -303,14 +308,23 @@ def settings_of(env: dict[str, str]) -> dict[str, str]:
 def report_kills(kills: list[WorkerKill], settings: Settings) -> None:
     print(f"\nwhole-worker kills: {len(kills)} (heartbeat TTL {settings.heartbeat_ttl_s} s, "
           f"visibility timeout {settings.visibility_timeout_s} s)")
-    print(f"{'kill':>4} {'jobs':>5} {'images':>7} {'kill to rows (s)':>17}")
+    print(f"{'kill':>4} {'jobs':>5} {'images':>7} {'kill to rows (s)':>17}  "
+          "same job killed again in")
+    once = []
     for number, kill in enumerate(kills, 1):
         took = "never" if kill.seconds is None else f"{kill.seconds:.1f}"
-        print(f"{number:>4} {len(kill.tags):>5} {len(kill.uris):>7} {took:>17}")
+        again = [str(later) for later, other in enumerate(kills, 1)
+                 if later > number and kill.tasks & other.tasks]
+        print(f"{number:>4} {len(kill.tags):>5} {len(kill.uris):>7} {took:>17}  "
+              f"{', '.join(again) or '-'}")
+        if not again and kill.seconds is not None:
+            once.append(kill.seconds)
     times = [kill.seconds for kill in kills if kill.seconds is not None]
     if times:
         median = sorted(times)[len(times) // 2]
         print(f"longest kill to rows: {max(times):.1f} s; median {median:.1f} s")
+    if once:
+        print(f"longest kill to rows of jobs no later kill hit: {max(once):.1f} s")
 
 
 def main() -> int:
