@@ -21,7 +21,7 @@ UNACKED_INDEX_KEY = "unacked_index"
 HEARTBEATS_KEY = "captioner:heartbeats"
 
 #: A list nobody writes: an idle worker blocks on it (BLPOP with a timeout) between two
-#: fetches (captioning/transport.py).
+#: fetches when a full Redis refused its wait on its first queue (captioning/transport.py).
 FETCH_IDLE_KEY = "captioner:fetch:idle"
 
 #: Lock (SET NX PX) held by the one process sweeping pending uploads (captioning/reconcile.py).

@@ -2,9 +2,10 @@
 
 - **Fetch.** A worker takes a job off its queue with one Lua script that first records it as
   reserved by this worker (captioning/fetch.py), in place of kombu's BRPOP, which pops and
-  records later. An idle worker waits between fetches on a blocking pop of a key nobody
-  writes, `FETCH_IDLE_WAIT_S` at a time: the wait costs Redis nothing, and a job enqueued to
-  an idle fleet starts within that time.
+  records later. A worker whose last fetch found nothing first waits, up to
+  `FETCH_IDLE_WAIT_S`, for its first queue (captions.realtime) to have a message, without
+  taking it: a job sent there to an idle worker is fetched at once, one sent to a later
+  queue (bulk) within that time.
 - **Held jobs.** Each reserved tag is in this worker's `held` set until it is acked or
   rejected, so the job of a worker that vanishes goes back to its queue within a heartbeat
   TTL, not a visibility timeout (captioning/heartbeats.py).
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 #: What a non-envelope raises while being decoded and delivered.
 NOT_AN_ENVELOPE = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
-#: How long an idle worker waits between two fetches that found nothing.
-FETCH_IDLE_WAIT_S = 0.25
+#: The longest an idle worker waits between two fetches (a message for its first queue ends
+#: the wait at once).
+FETCH_IDLE_WAIT_S = 0.5
 
 
 class QoS(kombu_redis.QoS):
@@ -88,6 +90,7 @@ class Channel(kombu_redis.Channel):
         self._script: str | None = None
         self._idle = False
         self._waiting = False
+        self._queue_wait_refused = False
 
     def take_fetched(self, delivery_tag: str) -> bool:
         """Whether the fetch script recorded this tag (asked once, by QoS.append)."""
@@ -106,7 +109,7 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = monotonic()
         self._waiting = self._idle
         if self._waiting:
-            connection.send_command("BLPOP", FETCH_IDLE_KEY, FETCH_IDLE_WAIT_S)
+            connection.send_command(*self._wait_command(keys[0]))
         connection.send_command("EVAL", self._fetch_script(), *fetch_args(
             keys, unacked_key=self.unacked_key, unacked_index_key=self.unacked_index_key,
             held_key=held_key(worker_id()), worker=worker_id(), held_ttl_s=self.held_ttl,
@@ -118,7 +121,7 @@ class Channel(kombu_redis.Channel):
         try:
             try:
                 if self._waiting:
-                    self.client.parse_response(connection, "BLPOP", **options)
+                    self._read_wait(connection, **options)
                 reply = self.client.parse_response(connection, "EVAL", **options)
             except self.connection_errors:
                 # Disconnect so that the next poll reconnects (as kombu does).
@@ -139,6 +142,22 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _wait_command(self, first_key: str) -> tuple[str | float, ...]:
+        """Wait for the first queue to have a message without taking it: LMOVE from its
+        right end to its right end leaves it as it was. A full Redis refuses that (it may
+        write), so after a refusal the next wait is a pop of a key nobody writes."""
+        if self._queue_wait_refused:
+            return ("BLPOP", FETCH_IDLE_KEY, FETCH_IDLE_WAIT_S)
+        return ("BLMOVE", first_key, first_key, "RIGHT", "RIGHT", FETCH_IDLE_WAIT_S)
+
+    def _read_wait(self, connection: Any, **options: Any) -> None:
+        try:
+            self.client.parse_response(connection, "BLMOVE", **options)
+        except redis.ResponseError:
+            self._queue_wait_refused = True
+        else:
+            self._queue_wait_refused = False
 
     def _deliver_fetched(self, raw: bytes, queue: str, recorded: bool) -> bool:
         try:

@@ -152,6 +152,31 @@ def test_a_consumer_gets_acks_and_waits_between_fetches(
     assert not any(client.smembers(key) for key in client.keys(held_key("*")))
 
 
+def test_an_idle_consumer_of_a_full_redis_still_takes_jobs(
+    app_settings: Settings, broker: RedisServer, connection: Connection
+) -> None:
+    """The wait for the first queue (LMOVE) is refused at maxmemory; the fetch (allow-oom on
+    Redis 7) is not, and the next wait is one that a full Redis accepts."""
+    client = broker.client()
+    if int(client.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis 6 refuses the fetch itself at maxmemory (tested above)")
+    received: list = []
+    consume(connection, received)
+    with pytest.raises(TimeoutError):
+        connection.drain_events(timeout=0.3)  # idle: a wait and a fetch are in flight
+    time.sleep(0.7)  # both answered (nothing); the replies wait in the socket
+    tag = send(app_settings, "a")
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    try:
+        connection.drain_events(timeout=5)
+    finally:
+        client.config_set("maxmemory", 0)
+
+    assert [message.delivery_tag for message in received] == [tag]
+    assert connection.default_channel._queue_wait_refused
+
+
 def test_a_requeued_job_goes_to_the_front_of_its_queue(
     app_settings: Settings, broker: RedisServer, connection: Connection
 ) -> None:
