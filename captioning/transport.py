@@ -57,6 +57,7 @@ class QoS(kombu_redis.QoS):
             # The fetch script recorded it before popping it: only kombu's memory is left.
             virtual.QoS.append(self, message, delivery_tag)
             return
+        # Delivered another way (basic_get pops with RPOP): record it as kombu does.
         with self.channel.conn_or_acquire() as client:
             client.sadd(held_key(worker_id()), delivery_tag)
         super().append(message, delivery_tag)
