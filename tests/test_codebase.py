@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -136,9 +137,8 @@ def test_make_installs_torch_from_the_same_cpu_index_as_the_dockerfile(tmp_path:
     assert f'--extra-index-url "{index[1]}"' in torch_install
 
 
-def third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
-    """Top-level module name -> the files importing it, for what is neither stdlib nor ours."""
-    ours = {*SHIPPED, "tests", "bench"}
+def imports_of(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level module name -> the files importing it (at the top or inside a function)."""
     found: dict[str, set[str]] = {}
     for path, tree in shipped_modules(packages):
         for node in ast.walk(tree):
@@ -149,10 +149,28 @@ def third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
             else:
                 continue
             for name in names:
-                top = name.partition(".")[0]
-                if top not in sys.stdlib_module_names and top not in ours:
-                    found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+                found.setdefault(name.partition(".")[0], set()).add(str(path.relative_to(ROOT)))
     return found
+
+
+def third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level module name -> the files importing it, for what is neither stdlib nor ours."""
+    ours = {*SHIPPED, "tests", "bench"}
+    return {
+        top: files for top, files in imports_of(packages).items()
+        if top not in sys.stdlib_module_names and top not in ours
+    }
+
+
+@pytest.mark.parametrize(
+    ("package", "above"),
+    [("captioning", {"producer", "workers", "cli"}), ("producer", {"workers", "cli"}),
+     ("workers", {"producer", "cli"})],
+)
+def test_a_package_never_imports_the_layers_above_it(package: str, above: set[str]) -> None:
+    """The base package serves producers and workers; the CLI sits on top of all three."""
+    imported = imports_of((package,))
+    assert {top: imported[top] for top in above & set(imported)} == {}
 
 
 def undeclared(imports: dict[str, set[str]], declared: list[Requirement]) -> dict[str, set[str]]:
