@@ -159,8 +159,10 @@ def test_interrogate_alone_writes_only_its_rows_with_the_models_own_results(
 
     interrogator = ctx.runtimes["interrogate"]
     assert isinstance(interrogator, Interrogator)
-    images = [decode_image((root / name).read_bytes(), max_pixels=20_000_000).image
-              for name in names]
+    # Decoded as the job decodes: for its kinds only (not at the tagger's full resolution).
+    size = max(ctx.runtimes["caption"].decode_size, interrogator.decode_size)
+    images = [decode_image((root / name).read_bytes(), max_pixels=20_000_000,
+                           target_size=size).image for name in names]
     captions = ctx.runtimes["caption"].annotate(
         [ctx.runtimes["caption"].to_pixels(image) for image in images], "", [{}, {}]
     )
