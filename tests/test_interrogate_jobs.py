@@ -61,6 +61,7 @@ class CountingRuntime:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.images = 0
+        self.prompts: list[tuple[str, ...]] = []
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.runtime, name)
@@ -76,6 +77,7 @@ class CountingRuntime:
     ) -> list[list[Annotation]]:
         """The caption kind's entry point: every prompt of a job from one vision pass."""
         self.images += len(pixels)
+        self.prompts.append(tuple(prompts))
         return self.runtime.annotate_prompts(pixels, prompts)  # type: ignore[attr-defined]
 
 
@@ -172,6 +174,22 @@ def test_interrogate_alone_writes_only_its_rows_with_the_models_own_results(
     )
     assert [r.caption for r in outcome.rows] == [a.text for a in direct]
     assert [r.tags for r in outcome.rows] == [a.tags for a in direct]
+
+
+def test_interrogate_alone_captions_only_the_prompt_it_reads(
+    ctx: WorkerContext, root: Path
+) -> None:
+    caption = CountingRuntime(ctx.runtimes["caption"])
+    counting = WorkerContext(**{**ctx.__dict__, "runtimes": {**ctx.runtimes, "caption": caption}})
+    job = CaptionJob.create(
+        items=(JobItem(uri=(root / "chelsea.png").as_uri()),),
+        annotators=annotators(ctx.settings, ("interrogate",)),
+        prompts=("", "Question: what is the style of this image? Answer:"), source="cli",
+    )
+    outcome = process_job(job, counting, BULK_QUEUE)
+
+    assert caption.prompts == [("",)]  # not one caption per prompt of the job
+    assert [(r.kind, r.prompt, r.status) for r in outcome.rows] == [("interrogate", "", "ok")]
 
 
 def test_bad_images_fail_every_kind_once_and_another_clip_is_refused(

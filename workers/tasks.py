@@ -68,7 +68,7 @@ def process_job(job: CaptionJob, ctx: WorkerContext, queue: str) -> Outcome:
     prompts = job.all_prompts
     annotate_stream(
         [s for s in states if s.alive] if runtimes else [],
-        prompts,
+        model_prompts(routes.run, prompts),
         runtimes,
         ctx.stages,
         ctx.model_turn,
@@ -99,6 +99,12 @@ def process_job(job: CaptionJob, ctx: WorkerContext, queue: str) -> Outcome:
         for kind, model in routes.forward.items()
     ]
     return Outcome(rows=rows, forward=forward)
+
+
+def model_prompts(asked: Mapping[str, str], prompts: Sequence[str]) -> Sequence[str]:
+    """The prompts the models run: every one when the job asks for captions; only the first
+    when the caption kind runs only for the kinds built on it (interrogate reads one)."""
+    return prompts if CAPTION.name in asked else prompts[:1]
 
 
 def dedupe_lookups(
