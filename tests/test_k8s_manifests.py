@@ -501,6 +501,19 @@ def test_worker_loads_weights_from_a_readonly_volume_offline() -> None:
     assert model in seed_container["command"], "the seed Job must download CAPTIONER_MODEL"
 
 
+def test_worker_term_cache_is_one_writable_volume_for_every_replica() -> None:
+    """The first worker encodes the terms once; every later pod reads them."""
+    _, spec, container = worker_parts()
+    cache_dir = env_value(container, "CAPTIONER_TERM_CACHE_DIR")
+    (mount,) = [m for m in container["volumeMounts"] if cache_dir.startswith(m["mountPath"])]
+    assert not mount.get("readOnly")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert "ReadWriteMany" in find(rendered("base"), "PersistentVolumeClaim", claim)["spec"][
+        "accessModes"]
+    assert configmaps()["captioner-config"]["data"]["CAPTIONER_CLIP_MODEL"]
+
+
 def test_worker_multiprocess_metrics_dir_is_an_emptydir() -> None:
     _, spec, container = worker_parts()
     directory = env_value(container, "PROMETHEUS_MULTIPROC_DIR")
