@@ -167,6 +167,17 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+@dataclass(frozen=True)
+class EarlierCaption:
+    """What content dedupe copies from an earlier row: the caption and its scores."""
+
+    caption: str
+    scorer: str | None
+    match_probability: float | None
+    itc_cosine: float | None
+    candidates: list[dict[str, Any]] | None
+
+
 class ResultsStore:
     def __init__(self, database_url: str) -> None:
         url = normalize_database_url(database_url)
@@ -330,19 +341,27 @@ class ResultsStore:
         with self._connection(write=False) as conn:
             return [CaptionRow(**row._mapping) for row in conn.execute(query)]
 
-    def earlier_captions(self, digests: Sequence[str], model: str, prompt: str) -> dict[str, str]:
-        """Captions of `ok` rows for these image contents, model and prompt: content dedupe
-        asks once per micro-batch (ix_captions_digest)."""
+    def earlier_captions(
+        self, digests: Sequence[str], model: str, prompt: str, scorer: str | None
+    ) -> dict[str, EarlierCaption]:
+        """`ok` rows for these image contents, model and prompt: content dedupe asks once per
+        micro-batch (ix_captions_digest). With a scorer, only rows it scored, so that a copy
+        carries the scores a fresh run would have written."""
         if not digests:
             return {}
-        query = select(captions.c.content_digest, captions.c.caption).where(
+        query = select(
+            captions.c.content_digest, captions.c.caption, captions.c.scorer,
+            captions.c.match_probability, captions.c.itc_cosine, captions.c.candidates,
+        ).where(
             captions.c.content_digest.in_(list(set(digests))),
             captions.c.model == model,
             captions.c.prompt == prompt,
             captions.c.status == "ok",
         )
+        if scorer is not None:
+            query = query.where(captions.c.scorer == scorer)
         with self._connection(write=False) as conn:
-            return {digest: caption for digest, caption in conn.execute(query)}
+            return {digest: EarlierCaption(*found) for digest, *found in conn.execute(query)}
 
     def status_counts(self) -> dict[str, int]:
         query = select(captions.c.status, func.count()).group_by(captions.c.status)

@@ -117,6 +117,35 @@ def test_the_same_bytes_under_another_key_copy_the_caption_without_the_model(
     assert rows[1].status == "ok"
 
 
+def test_a_copied_caption_keeps_its_scores_and_only_the_same_scorer_copies(
+    settings: Settings, results: ResultsStore, s3, prefix: str
+) -> None:
+    scored = settings.model_copy(update={
+        "content_dedupe": True, "device": "cpu", "scorer": "tiny-random-blip2-itm",
+    })
+    context = WorkerContext.create(scored)
+    try:
+        coffee = photo_bytes()["coffee.png"]
+        uris = upload(s3, prefix, {"a/coffee.png": coffee, "b/coffee.png": coffee})
+        rows = []
+        deduped = metrics.DEDUPED._value.get()
+        for uri in uris:
+            job = CaptionJob(items=(JobItem(uri=uri),), model="tiny-random-blip2", source="cli")
+            rows += process_job(job, context, "captions.realtime").rows
+            context.writer.write(rows[-1:])
+    finally:
+        context.close()
+    assert metrics.DEDUPED._value.get() - deduped == 1  # the second was copied, not run
+
+    original, copy = rows
+    assert original.match_probability is not None and original.scorer == "tiny-random-blip2-itm"
+    assert (copy.caption, copy.scorer, copy.match_probability, copy.itc_cosine) == (
+        original.caption, original.scorer, original.match_probability, original.itc_cosine)
+    digest = original.content_digest
+    assert digest is not None
+    assert results.earlier_captions([digest], original.model, original.prompt, "another") == {}
+
+
 def test_db_upgrade_adds_the_digest_column_to_an_old_table(postgres_url: str) -> None:
     engine = create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
     schema = f"old_{uuid.uuid4().hex[:8]}"

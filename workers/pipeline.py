@@ -26,13 +26,20 @@ from captioning import metrics
 from captioning.errors import ImageError
 from captioning.kinds import CAPTION
 from captioning.messages import JobItem
+from captioning.results import EarlierCaption
 from captioning.settings import Settings
 from captioning.storage import Stores
 from captioning.uris import ImageLocation
 from workers.fetch import fetch_one
 from workers.images import decode_image
 from workers.pixels import ModelPixels
-from workers.runtimes.base import Annotation, Runtime, annotate_in_batches, in_batches
+from workers.runtimes.base import (
+    Annotation,
+    Candidate,
+    Runtime,
+    annotate_in_batches,
+    in_batches,
+)
 
 if TYPE_CHECKING:
     from workers.runtimes.blip2 import CaptionModel
@@ -256,8 +263,16 @@ def annotate_kind(
     )
 
 
-EarlierResults = Callable[[list[str]], dict[str, str]]
+EarlierResults = Callable[[list[str]], dict[str, EarlierCaption]]
 """content digests -> {digest: text} of earlier `ok` rows for this job's model and prompt."""
+
+
+def annotation_of(earlier: EarlierCaption) -> Annotation:
+    return Annotation(
+        text=earlier.caption, scorer=earlier.scorer,
+        match_probability=earlier.match_probability, itc_cosine=earlier.itc_cosine,
+        candidates=tuple(Candidate(**candidate) for candidate in earlier.candidates or ()),
+    )
 
 
 def copy_earlier(
@@ -268,10 +283,10 @@ def copy_earlier(
     found = earlier([state.digest for state in batch if state.digest])
     rest = []
     for state in batch:
-        text = found.get(state.digest or "")
-        if text is None:
+        copied = found.get(state.digest or "")
+        if copied is None:
             rest.append(state)
         else:
-            state.results[kind] = [Annotation(text=text)]
+            state.results[kind] = [annotation_of(copied)]
     metrics.DEDUPED.inc(len(batch) - len(rest))
     return rest

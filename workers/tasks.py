@@ -117,7 +117,7 @@ def dedupe_lookups(
         return {}
     model, row_text_prompt = models[CAPTION.name], row_prompts(CAPTION.name, prompts)[0]
     return {CAPTION.name: lambda digests: ctx.results.earlier_captions(
-        digests, model, row_text_prompt
+        digests, model, row_text_prompt, ctx.settings.scorer
     )}
 
 
