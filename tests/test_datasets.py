@@ -125,8 +125,10 @@ def test_a_copied_caption_keeps_its_scores_and_only_the_same_scorer_copies(
     })
     context = WorkerContext.create(scored)
     try:
-        coffee = photo_bytes()["coffee.png"]
-        uris = upload(s3, prefix, {"a/coffee.png": coffee, "b/coffee.png": coffee})
+        # Bytes no other test captions (the session's table is shared).
+        unique = encode(sample_rgb((50 + len(prefix), 40)).rotate(int(prefix[2:6], 16) % 360),
+                        "PNG")
+        uris = upload(s3, prefix, {"a/unique.png": unique, "b/unique.png": unique})
         rows = []
         deduped = metrics.DEDUPED._value.get()
         for uri in uris:
